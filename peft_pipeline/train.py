@@ -1,0 +1,246 @@
+"""Train stage: config -> data -> model -> TRL SFTTrainer -> a run directory.
+
+The run directory is the contract with every later stage:
+  adapter/        PEFT adapter + tokenizer + chat template + generation_config (stop tokens)
+  config.yaml     the resolved config (enough to re-run)
+  metrics.json    final losses, tokens, runtime, parameter counts, versions; "status": "complete" last
+  log.jsonl       one JSON object per logged step
+  checkpoints/    trainer checkpoints (resumable)
+Only the main process writes it. Same code under `peft-pipeline train`, `python -m peft_pipeline
+train` and `accelerate launch -m peft_pipeline train`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from peft_pipeline.config import RunConfig
+from peft_pipeline.errors import UserError
+
+
+def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = None, progress: bool = True) -> Path:
+    """Run the whole training stage and return the run directory."""
+    from accelerate import PartialState
+
+    from peft_pipeline import data as data_stage
+    from peft_pipeline import model as model_stage
+
+    state = PartialState()
+    run = Path(cfg.output_dir)
+    check_run_dir(run, overwrite, resume)
+    path = model_stage.resolve_model_path(cfg.model)
+    validate_against_model(cfg, path)
+
+    tokenizer = model_stage.load_tokenizer(cfg.model, path)
+    template = data_stage.ensure_chat_template(tokenizer, cfg.model.chat_template)
+    train_ds, eval_ds, report = data_stage.build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=progress)
+    say(state, *report.lines(), f"chat template: {template}; end of turn: {data_stage.end_of_turn(tokenizer)!r}")
+
+    start_run_dir(run, cfg, overwrite, resume, state)
+    base = model_stage.load_base(cfg.model, cfg.quantization, path)
+    args = make_sft_config(cfg, base.dtype)
+    model = model_stage.attach_adapter(base, cfg.lora, cfg.quantization.mode != "none", args.gradient_checkpointing)
+    counts = model_stage.parameter_counts(model)
+    say(state, f"model: {path}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
+               f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)")
+
+    trainer = make_trainer(args, model, tokenizer, train_ds, eval_ds, run)
+    world = state.num_processes
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    say(state, f"batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
+               f"x {world} processes = {global_batch} examples per optimizer step")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resolve_resume(run, resume))
+    final_eval = trainer.evaluate() if eval_ds is not None else {}
+    metrics = {
+        **counts,
+        "train_loss": result.training_loss,
+        "final_logged_loss": last_logged(trainer, "loss"),
+        "first_logged_loss": first_logged(trainer, "loss"),
+        "eval_loss": final_eval.get("eval_loss"),
+        "global_steps": trainer.state.global_step,
+        "global_batch_size": global_batch,
+        "world_size": world,
+        "trained_tokens": trainer.state.num_input_tokens_seen,
+        "runtime_s": round(time.time() - started, 2),
+        "data": data_report_dict(report),
+        "chat_template": template,
+    }
+    if state.is_main_process:
+        save_adapter(trainer.model, tokenizer, run / "adapter")
+        finish_run_dir(run, metrics)
+    state.wait_for_everyone()
+    return run
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def say(state, *lines: str) -> None:
+    """Print on the main process only, prefixed so users can grep the pipeline's own lines."""
+    if state.is_main_process:
+        for line in lines:
+            print(f"[peft-pipeline] {line}", flush=True)
+
+
+def validate_against_model(cfg: RunConfig, path: str) -> None:
+    """Check lora.* names against the architecture on the meta device (no weights loaded)."""
+    from peft_pipeline.config import ConfigError
+    from peft_pipeline.model import lora_problems, meta_model
+
+    problems = lora_problems(cfg.lora, meta_model(cfg.model, path))
+    if problems:
+        raise ConfigError(cfg.output_dir + "/config", problems)
+
+
+def check_run_dir(run: Path, overwrite: bool, resume) -> None:
+    """Refuse to clobber a finished run, or to mix into an unfinished one without --resume."""
+    if not run.exists() or overwrite or resume:
+        return
+    if run_status(run) == "complete":
+        raise UserError(f"{run}: a finished run is already there; pass --overwrite or choose another output_dir", exit_code=2)
+    if any(run.iterdir()):
+        raise UserError(f"{run}: holds an unfinished run; pass --resume to continue it or --overwrite to start over", exit_code=2)
+
+
+def run_status(run: Path) -> str | None:
+    """'complete', 'running', 'failed' or None, from metrics.json."""
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def start_run_dir(run: Path, cfg: RunConfig, overwrite: bool, resume, state) -> None:
+    """Create the run dir (main process), save the resolved config, mark it running."""
+    import shutil
+
+    from peft_pipeline.paths import write_json_atomic
+
+    if state.is_main_process:
+        if overwrite and run.exists() and not resume:
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        write_json_atomic(run / "metrics.json", {"status": "running", "versions": package_versions()})
+        if not resume:
+            (run / "log.jsonl").write_text("")
+    state.wait_for_everyone()
+
+
+def resolve_resume(run: Path, resume) -> str | bool | None:
+    """--resume (latest checkpoint) or --resume PATH; None to start fresh."""
+    if not resume:
+        return None
+    if resume is True or resume == "auto":
+        ckpts = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(ckpts[-1]) if ckpts else None
+    return str(resume)
+
+
+def make_sft_config(cfg: RunConfig, dtype):
+    """trl.SFTConfig from the training section; precision flags follow the model dtype unless set."""
+    import torch
+    from trl import SFTConfig
+
+    args: dict[str, Any] = dict(cfg.sft_args)
+    on_gpu = torch.cuda.is_available()
+    args.setdefault("bf16", on_gpu and dtype == torch.bfloat16)
+    args.setdefault("fp16", on_gpu and dtype == torch.float16)
+    args.setdefault("include_num_input_tokens_seen", "non_padding")
+    try:
+        return SFTConfig(**args)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"training: {str(e).splitlines()[0]}", exit_code=2) from None
+
+
+def make_trainer(args, model, tokenizer, train_ds, eval_ds, run: Path):
+    """TRL's SFTTrainer on the pre-tokenized data (input_ids + labels), logging to log.jsonl."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
+    trainer.add_callback(JsonlLogger(run / "log.jsonl"))
+    return trainer
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class JsonlLogger(_callback_base()):
+    """Appends every trainer log (loss, lr, grad norm, eval metrics) as one JSON line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def last_logged(trainer, key: str):
+    """The last value of `key` in the trainer's log history."""
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[-1] if values else None
+
+
+def first_logged(trainer, key: str):
+    """The first value of `key` in the trainer's log history."""
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[0] if values else None
+
+
+def data_report_dict(report) -> dict:
+    """The data report as plain JSON."""
+    from dataclasses import asdict
+
+    return asdict(report)
+
+
+def save_adapter(model, tokenizer, target: Path) -> None:
+    """Adapter + tokenizer + chat template + stop tokens, written atomically."""
+    from transformers import GenerationConfig
+
+    from peft_pipeline.data import end_of_turn
+    from peft_pipeline.paths import atomic_dir
+
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    stop = sorted({i for i in (eot_id, tokenizer.eos_token_id) if i is not None})
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(tmp)
+
+
+def finish_run_dir(run: Path, metrics: dict) -> None:
+    """Write metrics.json last, with status complete: the marker that the run finished."""
+    from peft_pipeline.paths import write_json_atomic
+
+    write_json_atomic(run / "metrics.json", {**metrics, "versions": package_versions(), "status": "complete"})
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the stack, for reproducibility and bug reports."""
+    import importlib.metadata as md
+    import platform
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "peft-pipeline"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
