@@ -340,11 +340,11 @@ def _render_conversation(messages: list[dict], tokenizer, train_on_prompt: bool,
                 "or a template file"
             )
         content = m["content"]
-        end = through.rfind(content)
-        if end < len(before):  # the template trimmed or rewrote the content
-            end = through.rfind(content.strip())
+        end = through.find(content, len(before))
+        if end < 0:  # the template trimmed the content
             content = content.strip()
-        if end < len(before):
+            end = through.find(content, len(before))
+        if end < 0:
             raise UserError(f"the chat template does not render assistant turn {i} verbatim; set model.chat_template")
         content_end = end + len(content)
         eot = _first_end_of_turn(through[content_end:], tokenizer)
@@ -375,12 +375,26 @@ def _insert_eos(text: str, spans: list[tuple[int, int]], positions: list[int], e
 
 
 def tokenize(rendered: Rendered, tokenizer) -> tuple[list[int], list[int]]:
-    """Tokenize the full text; label a token when it overlaps a loss span, else -100."""
-    enc = tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
-    ids, labels = enc["input_ids"], []
-    for tok, (s, e) in zip(ids, enc["offset_mapping"]):
-        trained = e > s and any(s < span_e and e > span_s for span_s, span_e in rendered.spans)
-        labels.append(tok if trained else -100)
+    """Tokenize piece by piece at the loss-span boundaries; label trained pieces, -100 elsewhere.
+
+    Cutting at the boundaries means the prompt is tokenized exactly as at inference time (where
+    it is tokenized alone and the model continues it), and no BPE token straddles the edge of an
+    answer, so the trained tokens decode to exactly the answer plus its end-of-turn.
+    """
+    text = rendered.text
+    cuts = sorted({0, len(text)} | {p for span in rendered.spans for p in span})
+    ids: list[int] = []
+    labels: list[int] = []
+    if rendered.add_special_tokens:
+        bos = tokenizer.bos_token_id
+        if bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]:
+            ids.append(bos)
+            labels.append(-100)
+    for a, b in zip(cuts, cuts[1:]):
+        piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+        trained = any(s <= a and b <= e for s, e in rendered.spans)
+        ids += piece
+        labels += piece if trained else [-100] * len(piece)
     return ids, labels
 
 

@@ -1,0 +1,134 @@
+"""Reading what earlier stages wrote: a run dir, a bare adapter dir, or a merged model dir.
+
+Later stages (eval, generate, chat, merge, export) take any of the three and need the same
+things from it: the base model path and settings, the adapter (if any), the tokenizer with the
+chat template used in training, and the stop tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from peft_pipeline.errors import UserError
+
+
+@dataclass
+class Target:
+    """What a path given to a later stage holds."""
+
+    kind: str  # "run" | "adapter" | "merged"
+    path: Path
+    run_dir: Path | None  # where reports are written beside (None for a bare model dir)
+    adapter_dir: Path | None
+    model_path: str  # base model path (run/adapter) or the merged dir itself
+    config: object | None  # RunConfig when a run dir (or its config.yaml) is known
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """The tokenizer saved with the adapter carries the chat template used in training."""
+        return str(self.adapter_dir or self.model_path)
+
+    @property
+    def quantization_mode(self) -> str:
+        """The quantization the adapter was trained on ('none' for merged models)."""
+        return self.config.quantization.mode if self.config is not None and self.kind != "merged" else "none"
+
+    @property
+    def out_dir(self) -> Path:
+        """Where reports about this target go: the run dir, else the given dir."""
+        return self.run_dir or self.path
+
+
+def resolve(path: str | Path) -> Target:
+    """Identify a run dir / adapter dir / merged model dir, or say what is missing."""
+    from peft_pipeline.config import RunConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: does not exist; give a run directory (output_dir of `train`), an adapter or a model dir")
+    cfg = None
+    if (path / "config.yaml").is_file():
+        cfg = RunConfig.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+    if (path / "adapter" / "adapter_config.json").is_file():
+        adapter = path / "adapter"
+        return Target("run", path, path, adapter, _base_path(adapter, cfg), cfg)
+    if (path / "adapter_config.json").is_file():
+        parent_cfg = path.parent / "config.yaml"
+        if cfg is None and parent_cfg.is_file():
+            cfg = RunConfig.model_validate(yaml.safe_load(parent_cfg.read_text()))
+        run_dir = path.parent if parent_cfg.is_file() else None
+        return Target("adapter", path, run_dir, path, _base_path(path, cfg), cfg)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return Target("merged", path, None, None, str(path), cfg)
+    if (path / "config.yaml").is_file():
+        raise UserError(f"{path}: a run directory with no adapter/ (training did not finish?); run `peft-pipeline train` again with --resume")
+    raise UserError(f"{path}: holds no adapter (adapter_config.json) and no model (config.json + *.safetensors)")
+
+
+def _base_path(adapter_dir: Path, cfg) -> str:
+    # The run's config names the base the way the user did (embedded name, hub id or path);
+    # the adapter config's base_model_name_or_path is the resolved path on the training machine.
+    from peft_pipeline.model import resolve_model_path
+
+    if cfg is not None:
+        return resolve_model_path(cfg.model)
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; cannot tell which base to load")
+    return base
+
+
+def load_tokenizer(target: Target, padding_side: str = "left"):
+    """Tokenizer with the training chat template; left padding for batched generation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target.tokenizer_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def stop_token_ids(target: Target, tokenizer) -> list[int]:
+    """End-of-turn ids saved at training time (generation_config.json), else template + EOS."""
+    from peft_pipeline.data import end_of_turn
+
+    for d in (target.adapter_dir, Path(target.model_path) if target.kind == "merged" else None):
+        gen = d / "generation_config.json" if d else None
+        if gen and gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            if eos is not None:
+                return sorted(set(eos if isinstance(eos, list) else [eos]))
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def load_model(target: Target, with_adapter: bool = True, quantized: bool | None = None, dtype: str | None = None,
+               attn_implementation: str | None = None):
+    """Base (+ adapter) ready for inference, in eval mode.
+
+    `quantized=None` reproduces training (4-bit base for a QLoRA run); False loads full precision.
+    `dtype` / `attn_implementation` override the run's model section (e.g. float32 + eager for merge checks).
+    """
+    from peft_pipeline.config import ModelSection, QuantizationSection
+    from peft_pipeline.model import load_base
+
+    model_cfg = target.config.model if target.config is not None else ModelSection(name=target.model_path)
+    if dtype is not None:
+        model_cfg = model_cfg.model_copy(update={"dtype": dtype})
+    if attn_implementation is not None:
+        model_cfg = model_cfg.model_copy(update={"attn_implementation": attn_implementation})
+    qcfg = target.config.quantization if target.config is not None and target.kind != "merged" else QuantizationSection()
+    if quantized is None:
+        quantized = qcfg.mode != "none"
+    model = load_base(model_cfg, qcfg, target.model_path, quantize=quantized)
+    if with_adapter and target.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(target.adapter_dir))
+    model.eval()
+    return model
