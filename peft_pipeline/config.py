@@ -240,7 +240,9 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}", exit_code=2) from None
+        ctx = getattr(e, "context_mark", None)
+        started = f" (in the block that starts at line {ctx.line + 1})" if ctx and mark and ctx.line != mark.line else ""
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}{started}", exit_code=2) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
