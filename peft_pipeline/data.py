@@ -93,7 +93,7 @@ def _read_jsonl(path: Path) -> list[Row]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove this line") from None
             if not isinstance(obj, dict):

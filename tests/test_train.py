@@ -1,0 +1,133 @@
+"""Train stage on a tiny model: the run dir contract, weights that move (and don't), refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peft_pipeline.config import config_from_dict
+from peft_pipeline.errors import UserError
+from peft_pipeline.train import train
+
+from conftest import write_jsonl
+
+ROWS = [{"instruction": f"Repeat the word {w}.", "output": w} for w in
+        ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "piano"]]
+
+
+def tiny_cfg(tmp_path, tiny_base, **training):
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    evals = write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])
+    return {
+        "model": {"name": str(tiny_base)},
+        "lora": {"r": 4, "target_modules": "all-linear"},
+        "data": {"train": str(data), "eval": str(evals), "cache": False},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                     "logging_steps": 1, "save_steps": 2, "max_length": 128, **training},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def test_train_writes_the_run_dir_and_only_lora_weights_move(tmp_path, tiny_base):
+    cfg = config_from_dict(tiny_cfg(tmp_path, tiny_base))
+    run = train(cfg, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "config.yaml", "log.jsonl", "metrics.json"]
+    adapter = run / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert (adapter / name).is_file(), name
+    assert json.loads((adapter / "generation_config.json").read_text())["eos_token_id"] == [2]  # <|im_end|>
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "complete"
+    assert metrics["global_steps"] == 4 and metrics["trainable_params"] > 0
+    assert metrics["eval_loss"] is not None and metrics["trained_tokens"] > 0
+    assert metrics["versions"]["torch"] and metrics["data"]["examples"] == {"train": 8, "eval": 2}
+
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    # the resolved config re-loads and is enough to re-run
+    again = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert again.sft_args == cfg.sft_args
+
+    # LoRA B started at zero and moved; the base weights on disk are what we started from
+    lora = load_file(adapter / "adapter_model.safetensors")
+    b = [v for k, v in lora.items() if "lora_B" in k]
+    assert b and all(v.abs().sum() > 0 for v in b)
+    base = load_file(tiny_base / "model.safetensors")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter)
+    for name, p in reloaded.base_model.model.named_parameters():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in base:
+            assert torch.equal(p, base[key]), name
+
+
+def test_finished_run_is_not_overwritten_without_flag(tmp_path, tiny_base):
+    cfg = config_from_dict(tiny_cfg(tmp_path, tiny_base, max_steps=1, save_steps=10))
+    train(cfg, progress=False)
+    with pytest.raises(UserError, match="a finished run is already there; pass --overwrite") as e:
+        train(cfg, progress=False)
+    assert e.value.exit_code == 2
+    run = train(cfg, overwrite=True, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "complete"
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_base):
+    cfg = config_from_dict(tiny_cfg(tmp_path, tiny_base, max_steps=2, save_steps=2))
+    train(cfg, progress=False)
+    longer = config_from_dict({**tiny_cfg(tmp_path, tiny_base, max_steps=4, save_steps=2)})
+    run = train(longer, resume=True, progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # steps 1-2 from the first run, 3-4 after resuming; no step trained twice
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "peft_pipeline", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_bad_data_exits_nonzero_with_one_line_and_no_finished_run(tmp_path, tiny_base):
+    d = tiny_cfg(tmp_path, tiny_base)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    d["data"]["train"] = str(bad)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    r = run_cli("train", str(cfg_path))
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert re.fullmatch(rf"error: {re.escape(str(bad))}:2: malformed JSON \(Expecting value at column \d+\); fix or remove this line", lines[0])
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_cli_config_error_exits_2_before_loading_anything(tmp_path, tiny_base):
+    d = tiny_cfg(tmp_path, tiny_base)
+    d["lora"]["target_modules"] = ["q_projj"]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    r = run_cli("train", str(cfg_path), "training.max_stepz=3")
+    assert r.returncode == 2
+    assert "training.max_stepz: not a trl.SFTConfig field (did you mean max_steps?)" in r.stderr
+    r = run_cli("train", str(cfg_path))
+    assert r.returncode == 2 and "'q_projj' matches no module of LlamaForCausalLM (did you mean q_proj?)" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_help_does_not_import_torch():
+    code = "import sys; from peft_pipeline import cli; cli._parser().format_help(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "False"
+    assert run_cli("--help").returncode == 0
