@@ -30,6 +30,44 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config (and its overrides) without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    e = sub.add_parser("eval", help="validation loss/perplexity and generation metrics, optionally against the base")
+    e.add_argument("run", metavar="RUN_DIR", help="run directory (output_dir of train), an adapter dir or a merged model dir")
+    e.add_argument("--data", metavar="FILE", help="compute the loss on this file instead of the run's eval split")
+    e.add_argument("--prompts", metavar="FILE", help="prompts with expected answers (default: the run's data.test)")
+    e.add_argument("--compare-base", action="store_true", help="also evaluate the base (adapter off); side-by-side table")
+    e.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
+    e.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward/generate batch (default 8)")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N examples and prompts")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def sampling_args(q):
+        q.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
+        q.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); >0 samples")
+        q.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass when sampling (default 1.0)")
+        q.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default 0)")
+        q.add_argument("--base", action="store_true", help="the base model without the adapter")
+
+    g = sub.add_parser("generate", help="complete one prompt or a file of prompts with the fine-tuned model")
+    g.add_argument("run", metavar="RUN_DIR", help="run directory, adapter dir or merged model dir")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user message (rendered with the run's chat template)")
+    src.add_argument("--prompts", metavar="FILE", help="JSONL/JSON/CSV rows in any training format; answers optional")
+    sampling_args(g)
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per generate batch (default 8)")
+    g.add_argument("--out", metavar="FILE", help="also write one JSON record per completion to FILE (JSONL)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (/reset, /exit)")
+    c.add_argument("run", metavar="RUN_DIR", help="run directory, adapter dir or merged model dir")
+    sampling_args(c)
+    c.add_argument("--system", metavar="TEXT", help="system message (default: the run's data.system_prompt)")
+
+    m = sub.add_parser("merge", help="merge a run's adapter into the full-precision base, verify it, save a plain model")
+    m.add_argument("run", metavar="RUN_DIR", help="run directory (output_dir of train) or an adapter dir")
+    m.add_argument("--out", metavar="DIR", help="where the merged model goes (default RUN_DIR/merged)")
+    m.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of the saved weights (checks always run in fp32); auto = the base checkpoint's dtype")
     return p
 
 
@@ -66,7 +104,32 @@ def _dispatch(args) -> int:
         from peft_pipeline.train import train
 
         progress = not args.no_progress and os.environ.get("PEFT_PIPELINE_NO_PROGRESS") != "1"
-        run = train(cfg, overwrite=args.overwrite, resume=args.resume, progress=progress)
-        print(f"[peft-pipeline] run complete: {run}")
+        train(cfg, overwrite=args.overwrite, resume=args.resume, progress=progress)
         return 0
+    if args.verb == "merge":
+        from peft_pipeline.merge import merge
+
+        merge(args.run, out=args.out, dtype=args.dtype)
+        return 0
+    if args.verb == "eval":
+        from peft_pipeline.evaluate import evaluate
+        from peft_pipeline.generate import Sampling
+
+        evaluate(args.run, data=args.data, prompts=args.prompts, compare_base=args.compare_base,
+                 sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
+                 limit=args.limit, progress=_progress(args))
+        return 0
+    if args.verb in ("generate", "chat"):
+        from peft_pipeline import generate as gen
+
+        sampling = gen.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        if args.verb == "chat":
+            return gen.chat(args.run, sampling, base=args.base, system=args.system)
+        return gen.generate_cli(args.run, args.prompt, args.prompts, sampling, base=args.base, out=args.out,
+                                batch_size=args.batch_size, progress=_progress(args))
     raise AssertionError(f"unhandled verb {args.verb}")
+
+
+def _progress(args) -> bool:
+    """Progress bars unless --no-progress or PEFT_PIPELINE_NO_PROGRESS=1."""
+    return not args.no_progress and os.environ.get("PEFT_PIPELINE_NO_PROGRESS") != "1"

@@ -24,11 +24,12 @@ from peft_pipeline.errors import UserError
 def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = None, progress: bool = True) -> Path:
     """Run the whole training stage and return the run directory."""
     from accelerate import PartialState
+    from transformers import set_seed
 
     from peft_pipeline import data as data_stage
     from peft_pipeline import model as model_stage
 
-    state = PartialState()
+    state = PartialState(cpu=runs_on_cpu(cfg))
     run = Path(cfg.output_dir)
     check_run_dir(run, overwrite, resume)
     path = model_stage.resolve_model_path(cfg.model)
@@ -42,6 +43,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
     start_run_dir(run, cfg, overwrite, resume, state)
     base = model_stage.load_base(cfg.model, cfg.quantization, path)
     args = make_sft_config(cfg, base.dtype)
+    # Seeded before the adapter is built: the same LoRA init on every rank (FSDP shards it
+    # without broadcasting from rank 0) and from one run to the next.
+    set_seed(cfg.seed)
     model = model_stage.attach_adapter(base, cfg.lora, cfg.quantization.mode != "none", args.gradient_checkpointing)
     counts = model_stage.parameter_counts(model)
     say(state, f"model: {path}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
@@ -54,6 +58,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
                f"x {world} processes = {global_batch} examples per optimizer step")
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resolve_resume(run, resume))
+    next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Guard)).raise_if_stopped()
     final_eval = trainer.evaluate() if eval_ds is not None else {}
     metrics = {
         **counts,
@@ -68,11 +73,15 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
         "runtime_s": round(time.time() - started, 2),
         "data": data_report_dict(report),
         "chat_template": template,
+        "data_files": data_fingerprints(cfg),
+        "git_commit": git_commit(),
     }
+    weights = gather_sharded_weights(trainer)  # every rank joins; None when not sharded
     if state.is_main_process:
-        save_adapter(trainer.model, tokenizer, run / "adapter")
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run / "adapter", weights)
         finish_run_dir(run, metrics)
     state.wait_for_everyone()
+    say(state, f"run complete: {run}")
     return run
 
 
@@ -84,6 +93,21 @@ def say(state, *lines: str) -> None:
     if state.is_main_process:
         for line in lines:
             print(f"[peft-pipeline] {line}", flush=True)
+
+
+def runs_on_cpu(cfg: RunConfig) -> bool:
+    """True when no accelerator is visible (or training.use_cpu is set).
+
+    Accelerate forms a process group on the CPU (gloo) only when told cpu=True; without it every
+    process that `accelerate launch` starts on a CPU-only machine trains alone at world size 1
+    and writes the run dir as if it were the main process.
+    """
+    import torch
+
+    if cfg.sft_args.get("use_cpu"):
+        return True
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
+    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
 
 
 def validate_against_model(cfg: RunConfig, path: str) -> None:
@@ -151,6 +175,7 @@ def make_sft_config(cfg: RunConfig, dtype):
     args.setdefault("bf16", on_gpu and dtype == torch.bfloat16)
     args.setdefault("fp16", on_gpu and dtype == torch.float16)
     args.setdefault("include_num_input_tokens_seen", "non_padding")
+    args.setdefault("use_cpu", runs_on_cpu(cfg))  # must agree with the PartialState made in train()
     try:
         return SFTConfig(**args)
     except (ValueError, TypeError) as e:
@@ -169,6 +194,7 @@ def make_trainer(args, model, tokenizer, train_ds, eval_ds, run: Path):
         processing_class=tokenizer,
     )
     trainer.add_callback(JsonlLogger(run / "log.jsonl"))
+    trainer.add_callback(Guard(run))
     return trainer
 
 
@@ -191,6 +217,48 @@ class JsonlLogger(_callback_base()):
                 f.write(json.dumps(record) + "\n")
 
 
+class Guard(_callback_base()):
+    """Stops on a NaN/inf loss or gradient norm without saving the bad state; checks disk before saves."""
+
+    def __init__(self, run: Path):
+        self.run = run
+        self.bad: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import math
+
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.bad = f"{key} became {value} at step {state.global_step}"
+                control.should_training_stop = True
+                control.should_save = False  # never checkpoint non-finite weights
+                control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and state.is_world_process_zero and model is not None:
+            import shutil
+
+            trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            need = 4 * trainable + 50_000_000  # weights + Adam moments (+ margin for RNG/scheduler/tokenizer)
+            free = shutil.disk_usage(self.run).free
+            if free < need:
+                raise DiskFull(f"{self.run}: {free / 1e9:.2f} GB free, a checkpoint needs about {need / 1e9:.2f} GB; "
+                               "free space or set output_dir on a larger disk")
+
+    def raise_if_stopped(self) -> None:
+        """After training: turn a non-finite stop into a user-facing error naming the last good checkpoint."""
+        if self.bad:
+            ckpts = sorted((self.run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            last = f"last good checkpoint: {ckpts[-1]}" if ckpts else "no checkpoint was saved before it"
+            raise UserError(f"training stopped: {self.bad}; {last}; lower training.learning_rate or set "
+                            "training.max_grad_norm, then --resume")
+
+
+class DiskFull(UserError):
+    """Not enough free disk for the next checkpoint."""
+
+
 def last_logged(trainer, key: str):
     """The last value of `key` in the trainer's log history."""
     values = [h[key] for h in trainer.state.log_history if key in h]
@@ -210,8 +278,27 @@ def data_report_dict(report) -> dict:
     return asdict(report)
 
 
-def save_adapter(model, tokenizer, target: Path) -> None:
-    """Adapter + tokenizer + chat template + stop tokens, written atomically."""
+def gather_sharded_weights(trainer) -> dict | None:
+    """Whole weights of a model sharded by FSDP or DeepSpeed ZeRO-3, for the main process to save.
+
+    A collective: every rank must call it, or the gather hangs. Sharded, each rank holds only a
+    slice of every LoRA matrix, so the main process saving alone would write its slice (ZeRO-3:
+    empty tensors) or hang. None under DDP, ZeRO-1/2 or one process: every rank holds it whole.
+    """
+    acc = trainer.accelerator
+    if trainer.is_fsdp_enabled:
+        return acc.get_state_dict(trainer.model)  # the whole model, to the main process's CPU
+    if trainer.is_deepspeed_enabled and acc.deepspeed_config["zero_optimization"].get("stage") == 3:
+        # The frozen base stays partitioned; only the adapter is gathered (as Trainer.save_model does).
+        return trainer.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    return None
+
+
+def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+    """Adapter + tokenizer + chat template + stop tokens, written atomically.
+
+    `state_dict`: the gathered weights of a sharded model (see gather_sharded_weights).
+    """
     from transformers import GenerationConfig
 
     from peft_pipeline.data import end_of_turn
@@ -220,7 +307,7 @@ def save_adapter(model, tokenizer, target: Path) -> None:
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
     stop = sorted({i for i in (eot_id, tokenizer.eos_token_id) if i is not None})
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(tmp)
 
@@ -230,6 +317,30 @@ def finish_run_dir(run: Path, metrics: dict) -> None:
     from peft_pipeline.paths import write_json_atomic
 
     write_json_atomic(run / "metrics.json", {**metrics, "versions": package_versions(), "status": "complete"})
+
+
+def data_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """sha256 of every local data file the run read."""
+    from peft_pipeline.data import file_digest
+
+    out = {}
+    for src in cfg.data.train + cfg.data.eval:
+        p = Path(src.path)
+        if p.is_file():
+            out[src.path] = file_digest(p)
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of this project's checkout (None when not run from a git checkout)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def package_versions() -> dict[str, str | None]:

@@ -131,3 +131,16 @@ def test_cli_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False"
     assert run_cli("--help").returncode == 0
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base):
+    # lr 1e9 blows the LoRA weights up within a few steps: the loss becomes inf/nan
+    cfg = config_from_dict(tiny_cfg(tmp_path, tiny_base, max_steps=30, learning_rate=1e9, save_steps=1,
+                                    max_grad_norm=0.0, save_total_limit=None))
+    with pytest.raises(UserError, match=r"training stopped: (loss|grad_norm) became (nan|inf) at step (\d+); last good checkpoint") as e:
+        train(cfg, progress=False)
+    bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert saved and max(saved) < bad_step  # nothing saved from the step that went bad
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] != "complete"
+    assert not (tmp_path / "run" / "adapter").exists()
