@@ -73,6 +73,7 @@ def atomic_dir(target: Path):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal, shareable directory
     try:
         yield tmp
         if target.exists():

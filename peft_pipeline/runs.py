@@ -50,16 +50,14 @@ def resolve(path: str | Path) -> Target:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: does not exist; give a run directory (output_dir of `train`), an adapter or a model dir")
-    cfg = None
-    if (path / "config.yaml").is_file():
-        cfg = RunConfig.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+    cfg = _read_run_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
     if (path / "adapter" / "adapter_config.json").is_file():
         adapter = path / "adapter"
         return Target("run", path, path, adapter, _base_path(adapter, cfg), cfg)
     if (path / "adapter_config.json").is_file():
         parent_cfg = path.parent / "config.yaml"
         if cfg is None and parent_cfg.is_file():
-            cfg = RunConfig.model_validate(yaml.safe_load(parent_cfg.read_text()))
+            cfg = _read_run_config(parent_cfg)
         run_dir = path.parent if parent_cfg.is_file() else None
         return Target("adapter", path, run_dir, path, _base_path(path, cfg), cfg)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -67,6 +65,19 @@ def resolve(path: str | Path) -> Target:
     if (path / "config.yaml").is_file():
         raise UserError(f"{path}: a run directory with no adapter/ (training did not finish?); run `peft-pipeline train` again with --resume")
     raise UserError(f"{path}: holds no adapter (adapter_config.json) and no model (config.json + *.safetensors)")
+
+
+def _read_run_config(path: Path):
+    """A run's saved config.yaml, validated; a damaged one is a one-line error."""
+    from pydantic import ValidationError
+
+    from peft_pipeline.config import RunConfig
+
+    try:
+        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a valid run config ({first}); was it edited by hand?") from None
 
 
 def _base_path(adapter_dir: Path, cfg) -> str:
@@ -108,11 +119,12 @@ def stop_token_ids(target: Target, tokenizer) -> list[int]:
 
 
 def load_model(target: Target, with_adapter: bool = True, quantized: bool | None = None, dtype: str | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, place_on_gpu: bool = False):
     """Base (+ adapter) ready for inference, in eval mode.
 
     `quantized=None` reproduces training (4-bit base for a QLoRA run); False loads full precision.
     `dtype` / `attn_implementation` override the run's model section (e.g. float32 + eager for merge checks).
+    `place_on_gpu` moves an unquantized model to the GPU when there is one (eval, generate, chat).
     """
     from peft_pipeline.config import ModelSection, QuantizationSection
     from peft_pipeline.model import load_base
@@ -126,6 +138,12 @@ def load_model(target: Target, with_adapter: bool = True, quantized: bool | None
     if quantized is None:
         quantized = qcfg.mode != "none"
     model = load_base(model_cfg, qcfg, target.model_path, quantize=quantized)
+    if place_on_gpu and not quantized:
+        import torch
+
+        if torch.cuda.is_available():
+            # load_base leaves unquantized weights on the CPU (the trainer places them when training).
+            model = model.to("cuda")
     if with_adapter and target.adapter_dir is not None:
         from peft import PeftModel
 
