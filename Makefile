@@ -29,11 +29,13 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
 
 # The main job on the embedded base: train, evaluate before/after, merge (with its parity
-# check) and export GGUF. About 10 minutes on 2 CPU cores.
+# check), score the merged model, export GGUF (verified and scored), and summarize.
+# About 15 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/peft-pipeline train configs/quickstart.yaml output_dir=$(RUN) --overwrite
 	$(BIN)/peft-pipeline eval $(RUN) --compare-base
 	$(BIN)/peft-pipeline merge $(RUN)
+	$(BIN)/peft-pipeline eval $(RUN)/merged --prompts data/orders/test.jsonl --data data/orders/validation.jsonl
 	$(BIN)/peft-pipeline export $(RUN) --format gguf --quant f16
 	$(BIN)/peft-pipeline summary $(RUN)
 

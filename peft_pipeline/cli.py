@@ -68,6 +68,45 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", metavar="DIR", help="where the merged model goes (default RUN_DIR/merged)")
     m.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="dtype of the saved weights (checks always run in fp32); auto = the base checkpoint's dtype")
+
+    x = sub.add_parser("export", help="write a GGUF file (from the merged model, verified) or the adapter with a model card")
+    x.add_argument("run", metavar="RUN_DIR", help="run directory (after merge) or a merged model dir")
+    x.add_argument("--format", choices=["gguf", "adapter"], default="gguf", help="gguf (llama.cpp family) or adapter")
+    x.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
+    x.add_argument("--out", metavar="PATH", help="output file (gguf) or dir (adapter); default RUN_DIR/export/")
+    x.add_argument("--push-to-hub", metavar="REPO", help="with --format adapter: upload to this hub repo (needs login)")
+    x.add_argument("--no-score", action="store_true", help="skip scoring the GGUF on the run's test prompts")
+
+    s = sub.add_parser("summary", help="what a run dir holds: scores before/after, merge and export checks, paths")
+    s.add_argument("run", metavar="RUN_DIR")
+
+    i = sub.add_parser("inspect", help="the data as training will see it: counts, lengths, trained tokens, warnings",
+                       description="Exit code 0 when clean, 1 when there are warnings, 2 for config errors.")
+    i.add_argument("config", help="YAML config (see configs/)")
+    i.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    i.add_argument("--n", type=int, default=3, metavar="N", help="training examples to show (default 3)")
+    i.add_argument("--plain", action="store_true", help="mark trained tokens as [[...]] instead of colour (for logs)")
+    i.add_argument("--png", metavar="PATH", help="also save a token-length histogram (a .png file or a directory)")
+    i.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="(re)write RUN_DIR/report.md with loss and learning-rate plots and eval tables")
+    r.add_argument("run", metavar="RUN_DIR")
+
+    sub.add_parser("env", help="versions, devices, CUDA and bitsandbytes backend, for bug reports")
+
+    b = sub.add_parser("bench", help="time training variants (defaults, plain TRL, ablations, QLoRA); write a Markdown table")
+    b.add_argument("--out", default="docs/benchmarks.md", metavar="FILE", help="Markdown report; JSON goes next to it")
+    b.add_argument("--model", default="smollm2-135m-instruct", help="model dir (default: the embedded base)")
+    b.add_argument("--model-config", metavar="NAME", help="random weights of llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b or smollm2-135m")
+    b.add_argument("--variants", metavar="A,B", help="comma-separated subset (default: all)")
+    b.add_argument("--steps", type=int, default=8, help="measured steps per variant (default 8)")
+    b.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant, not measured (default 2)")
+    b.add_argument("--short-steps", type=int, default=2, help="measured steps of the variants slow on CPU (default 2)")
+    b.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
+    b.add_argument("--max-length", type=int, default=2048, help="longest row in tokens (default 2048)")
+    b.add_argument("--max-samples", type=int, metavar="N", help="rows read from each data file (default all)")
+    b.add_argument("--peak-tflops", type=float, metavar="T", help="peak for MFU (default: by GPU name, measured on CPU)")
+    b.add_argument("--no-progress", action="store_true", help="no per-step lines")
     return p
 
 
@@ -83,11 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(_dispatch(args) or 0)
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End progress bars a failure left open (the trainer's), so the error starts its own line."""
+    tqdm = sys.modules.get("tqdm")  # only when something already imported it: no import cost
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
 
 
 def _dispatch(args) -> int:
@@ -118,6 +166,9 @@ def _dispatch(args) -> int:
         evaluate(args.run, data=args.data, prompts=args.prompts, compare_base=args.compare_base,
                  sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
                  limit=args.limit, progress=_progress(args))
+        from peft_pipeline.report import refresh_report
+
+        refresh_report(args.run)
         return 0
     if args.verb in ("generate", "chat"):
         from peft_pipeline import generate as gen
@@ -127,6 +178,38 @@ def _dispatch(args) -> int:
             return gen.chat(args.run, sampling, base=args.base, system=args.system)
         return gen.generate_cli(args.run, args.prompt, args.prompts, sampling, base=args.base, out=args.out,
                                 batch_size=args.batch_size, progress=_progress(args))
+    if args.verb == "export":
+        from peft_pipeline.export import export
+
+        export(args.run, fmt=args.format, quant=args.quant, out=args.out, push_to_hub=args.push_to_hub,
+               score=not args.no_score)
+        return 0
+    if args.verb == "summary":
+        from peft_pipeline.runs import summary
+
+        print(summary(args.run))
+        return 0
+    if args.verb == "bench":
+        from peft_pipeline.bench import bench, settings_from_args
+
+        bench(settings_from_args(args, progress=_progress(args)))
+        return 0
+    if args.verb == "inspect":
+        from peft_pipeline.config import load_config
+        from peft_pipeline.inspect_data import inspect
+
+        cfg = load_config(args.config, args.overrides)
+        return inspect(cfg, n=args.n, plain=args.plain, png=args.png, progress=_progress(args))
+    if args.verb == "report":
+        from peft_pipeline.report import write_report
+
+        print(write_report(args.run))
+        return 0
+    if args.verb == "env":
+        from peft_pipeline.report import env_lines
+
+        print("\n".join(env_lines()))
+        return 0
     raise AssertionError(f"unhandled verb {args.verb}")
 
 

@@ -150,3 +150,48 @@ def load_model(target: Target, with_adapter: bool = True, quantized: bool | None
         model = PeftModel.from_pretrained(model, str(target.adapter_dir))
     model.eval()
     return model
+
+
+def summary(path: str | Path) -> str:
+    """A run dir in a few lines: what it holds and what each stage measured (no model loaded)."""
+    run = Path(path)
+
+    def read(p: Path) -> dict:
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    metrics, evals = read(run / "metrics.json"), read(run / "eval.json")
+    merged_eval, merge, export = read(run / "merged" / "eval.json"), read(run / "merge_report.json"), read(run / "export_report.json")
+    lines = [f"run: {run}  status: {metrics.get('status', 'missing metrics.json')}"]
+    if metrics.get("status") == "complete":
+        losses = f", loss {metrics['first_logged_loss']:.4f} -> {metrics['final_logged_loss']:.4f}" if metrics.get("final_logged_loss") else ""
+        evl = f", eval loss {metrics['eval_loss']:.4f}" if metrics.get("eval_loss") is not None else ""
+        lines.append(f"  trained {metrics.get('global_steps')} steps, {metrics.get('trained_tokens')} tokens{losses}{evl}")
+    scores = [("base", _test_metric(evals, "base")), ("adapter", _test_metric(evals, "adapter")),
+              ("merged", _test_metric(merged_eval, None)),
+              ("gguf", (export.get("test_scores") or {}).get("exact_match"))]
+    shown = [f"{name} {value:.1%}" for name, value in scores if isinstance(value, (int, float))]
+    if shown:
+        lines.append("  exact match on test prompts: " + ", ".join(shown))
+    if merge:
+        parity = merge.get("parity") or {}
+        lines.append(f"  merge: {merge.get('status')}, max |logit diff| vs base+adapter {parity.get('max_abs_diff')}, "
+                     f"greedy identical on {parity.get('greedy_identical')} of {parity.get('prompts')} prompts")
+    if export:
+        lines.append(f"  gguf: {export.get('status')}, {export.get('file')} ({export.get('bytes', 0) / 1e6:.0f} MB), "
+                     f"greedy identical: {export.get('check', {}).get('greedy_identical')}")
+    for name in ("adapter", "merged", "export", "checkpoints"):
+        if (run / name).exists():
+            lines.append(f"  {name + '/':13s} {run / name}")
+    return "\n".join(lines)
+
+
+def _test_metric(evals: dict, model: str | None, metric: str = "exact_match"):
+    """One model's generation metric in an eval.json (model None: the only model evaluated)."""
+    per_model = ((evals.get("generation") or {}).get("metrics") or {})
+    if model is None:
+        model = (evals.get("models") or [None])[-1]
+    value = (per_model.get(model) or {}).get(metric)
+    return value if isinstance(value, (int, float)) else None

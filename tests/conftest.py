@@ -61,3 +61,34 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_run(tmp_path: Path, base: Path, tokenizer, rows: list[dict], test_rows: list[dict] | None = None,
+             quantization: str = "none", seed: int = 1) -> Path:
+    """A run dir as `train` writes it (config.yaml + adapter/), with random LoRA B weights.
+
+    A freshly initialized LoRA is a no-op (B = 0), which would make merge and eval checks pass
+    trivially; random B makes the adapter's outputs differ from the base's.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peft_pipeline.config import RunConfig
+    from peft_pipeline.train import save_adapter
+
+    run = tmp_path / "run"
+    data = tmp_path / "data"
+    section = {"train": [str(write_jsonl(data / "train.jsonl", rows))],
+               "eval": [str(write_jsonl(data / "eval.jsonl", rows[1:] or rows))], "cache": False}
+    if test_rows:
+        section["test"] = str(write_jsonl(data / "test.jsonl", test_rows))
+    cfg = RunConfig.model_validate({"model": {"name": str(base)}, "quantization": {"mode": quantization},
+                                    "data": section, "training": {"max_length": 256}, "output_dir": str(run)})
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    save_adapter(get_peft_model(model, lora), tokenizer, run / "adapter")
+    return run

@@ -51,6 +51,9 @@ def test_overrides_parse_yaml_scalars(tmp_path, train_file):
     assert cfg.training["max_steps"] == 5
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.output_dir == "/tmp/run1" and cfg.quantization.double_quant is False
+    # YAML 1.1 would read `no` as False; TRL's strategy values must arrive as written
+    cfg = load_config(p, ["training.eval_strategy=no", "training.save_strategy=no"])
+    assert cfg.training["eval_strategy"] == "no" and cfg.training["save_strategy"] == "no"
 
 
 def test_bad_override_syntax_is_a_usage_error():

@@ -286,3 +286,47 @@ def test_embedded_base_f16_round_trip(base_dir, tmp_path):
     assert report["tokenizer_identical"] and report["chat_template_identical"], report
     assert report["top1_agreement"] == 1.0, report
     assert report["max_abs_logit_diff"] < 0.1, report  # measured 0.04 on logits of magnitude ~20
+
+
+# --------------------------------------------------------------------------- the export verb
+
+
+EXPORT_ROWS = [{"instruction": "Name the city.", "input": f"Ship to {c}.", "output": c} for c in ("Oslo", "Lima", "Accra")]
+
+
+def test_export_verb_writes_a_verified_gguf_from_the_merged_model(tmp_path, tokenizer, capsys):
+    import conftest
+    from peft_pipeline.cli import main
+
+    base = conftest.make_tiny_llama(tmp_path / "base", tokenizer, initializer_range=0.2, tie_word_embeddings=False)
+    run = conftest.make_run(tmp_path, base, tokenizer, EXPORT_ROWS, test_rows=EXPORT_ROWS)
+    # no merged model yet: export says what to run first
+    assert main(["export", str(run)]) == 1
+    assert f"run `peft-pipeline merge {run}` first" in capsys.readouterr().err
+    assert main(["merge", str(run)]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--quant", "f16"]) == 0
+    report = json.loads((run / "export_report.json").read_text())
+    assert report["status"] == "ok" and Path(report["file"]) == run / "export" / "run-f16.gguf"
+    assert report["check"]["greedy_identical"] and report["check"]["tokenizer_identical"]
+    assert report["test_scores"]["n"] == len(EXPORT_ROWS)  # scored on the run's test prompts like the adapter
+
+
+def test_export_adapter_writes_a_model_card(tmp_path, tiny_base, tokenizer):
+    import conftest
+    from peft_pipeline.cli import main
+
+    run = conftest.make_run(tmp_path, tiny_base, tokenizer, EXPORT_ROWS)
+    assert main(["export", str(run), "--format", "adapter"]) == 0
+    out = run / "export" / "adapter"
+    card = (out / "README.md").read_text()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert f"base_model: {tiny_base}" in card and "LoRA: r=16" in card and "AutoPeftModelForCausalLM" in card
+
+
+def test_export_rejects_a_format_it_does_not_have(tmp_path, tiny_base, tokenizer):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "peft_pipeline", "export", str(tmp_path), "--format", "onnx"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'onnx'" in r.stderr

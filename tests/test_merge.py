@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from peft_pipeline.cli import main
+import conftest
 from conftest import write_jsonl
 
 @pytest.fixture(autouse=True)
@@ -27,28 +28,8 @@ ROWS = [
 
 
 def make_run(tmp_path: Path, base: Path, tokenizer, quantization: str = "none", seed: int = 1) -> Path:
-    """A run dir as train writes it, with a LoRA whose B weights are random (a no-op adapter proves nothing)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from peft_pipeline.config import RunConfig
-    from peft_pipeline.train import save_adapter
-
-    run = tmp_path / "run"
-    data = write_jsonl(tmp_path / "data" / "eval.jsonl", ROWS)
-    cfg = RunConfig.model_validate({
-        "model": {"name": str(base)},
-        "quantization": {"mode": quantization},
-        "data": {"train": [str(data)], "eval": [str(data)]},
-        "output_dir": str(run),
-    })
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(cfg.to_yaml())
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-    save_adapter(get_peft_model(model, lora), tokenizer, run / "adapter")
-    return run
+    """A run dir with a random (non-no-op) adapter over the merge test rows."""
+    return conftest.make_run(tmp_path, base, tokenizer, ROWS, quantization=quantization, seed=seed)
 
 
 def reference_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -220,7 +201,8 @@ def test_out_dir_that_would_replace_the_run_is_refused(tmp_path, tiny_base, toke
 def test_data_not_readable_from_here_falls_back_to_builtin_prompts(tmp_path, tiny_base, tokenizer):
     run = make_run(tmp_path, tiny_base, tokenizer)
     # config.yaml paths are relative to where training ran; elsewhere they may not resolve.
-    (tmp_path / "data" / "eval.jsonl").unlink()
+    for name in ("train.jsonl", "eval.jsonl"):
+        (tmp_path / "data" / name).unlink()
     assert main(["merge", str(run)]) == 0
     report = json.loads((run / "merge_report.json").read_text())
     assert report["samples"]["source"].startswith("built-in prompts")
