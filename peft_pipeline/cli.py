@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft_pipeline.errors import UserError
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not args.verb:
         parser.print_help()
         return 2
@@ -128,6 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """parse_args, letting key=value overrides come after options (`train c.yaml --resume a.b=1`).
+
+    argparse binds a nargs="*" positional once, before later options, and `--resume` (optional
+    value) would swallow the override that follows it as a checkpoint path.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "overrides", None) is None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
+        args.overrides.append(resume)
+        args.resume = True
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides += extra
+    return args
 
 
 def _close_progress_bars() -> None:

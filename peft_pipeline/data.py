@@ -458,9 +458,20 @@ def tokenize_examples(examples: list[dict], tokenizer, settings: DataSection, ma
 
     out: dict[str, list] = {"input_ids": [], "labels": []}
     seen: set[str] = set()
+    limit = overlong_chars(tokenizer, max_length)
     for ex in tqdm(examples, desc=f"Tokenizing {split}", disable=not progress, unit="ex"):
-        ids, labels = tokenize(render(ex, tokenizer, settings.train_on_prompt), tokenizer)
-        if max_length and len(ids) > max_length:
+        rendered = render(ex, tokenizer, settings.train_on_prompt)
+        # A text this long cannot fit in max_length tokens: drop it, or cut it, before tokenizing,
+        # so one huge row (a 50 MB line) costs no gigabytes of token offsets.
+        cut = limit is not None and len(rendered.text) > limit
+        if cut and settings.overlong == "drop":
+            report.dropped_overlong += 1
+            continue
+        if cut:
+            rendered = Rendered(rendered.text[:limit], [(s, min(e, limit)) for s, e in rendered.spans if s < limit],
+                                rendered.add_special_tokens)
+        ids, labels = tokenize(rendered, tokenizer)
+        if max_length and (cut or len(ids) > max_length):
             if settings.overlong == "drop":
                 report.dropped_overlong += 1
                 continue
@@ -476,6 +487,17 @@ def tokenize_examples(examples: list[dict], tokenizer, settings: DataSection, ma
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
+
+
+def overlong_chars(tokenizer, max_length: int | None) -> int | None:
+    """Characters beyond which a text surely has more than max_length tokens (None: no limit).
+
+    No token covers more characters than its longest vocabulary string; doubled for normalizers.
+    """
+    if not max_length:
+        return None
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return 2 * max(longest, 1) * max_length
 
 
 def split_holdout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -557,11 +579,16 @@ def _build(settings: DataSection, tokenizer, max_length, seed, progress):
     train_cols = tokenize_examples(train_ex, tokenizer, settings, max_length, report, "train", progress)
     eval_cols = tokenize_examples(eval_ex, tokenizer, settings, max_length, report, "eval", progress) if eval_ex else None
     if not train_cols["input_ids"]:
-        shortest = min(len(tokenize(render(e, tokenizer, settings.train_on_prompt), tokenizer)[0]) for e in train_ex)
+        limit = overlong_chars(tokenizer, max_length)
+        rendered = (render(e, tokenizer, settings.train_on_prompt) for e in train_ex)
+        # never tokenize a huge text just to report its length
+        shortest = min((len(tokenize(r, tokenizer)[0]) for r in rendered if limit is None or len(r.text) <= limit),
+                       default=None)
         raise UserError(
             f"training.max_length: no training example is left ({report.dropped_overlong} longer than "
             f"max_length={max_length}, {report.dropped_no_loss} with nothing to learn); the shortest example has "
-            f"{shortest} tokens: raise training.max_length or set data.overlong: truncate"
+            f"{shortest if shortest is not None else f'over {limit} characters, so over {max_length}'} tokens: "
+            "raise training.max_length or set data.overlong: truncate"
         )
     lengths = sorted(len(x) for x in train_cols["input_ids"])
     report.examples = {"train": len(lengths), "eval": len(eval_cols["input_ids"]) if eval_cols else 0}

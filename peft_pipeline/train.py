@@ -6,13 +6,16 @@ The run directory is the contract with every later stage:
   metrics.json    final losses, tokens, runtime, parameter counts, versions; "status": "complete" last
   log.jsonl       one JSON object per logged step
   checkpoints/    trainer checkpoints (resumable)
+  report.md       for people: loss/learning-rate plots (plots/*.png), eval table (report.py)
 Only the main process writes it. Same code under `peft-pipeline train`, `python -m peft_pipeline
 train` and `accelerate launch -m peft_pipeline train`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
 
     from peft_pipeline import data as data_stage
     from peft_pipeline import model as model_stage
+    from peft_pipeline.preflight import peak_memory, preflight
+    from peft_pipeline.report import refresh_report
 
     state = PartialState(cpu=runs_on_cpu(cfg))
     run = Path(cfg.output_dir)
@@ -42,7 +47,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
 
     start_run_dir(run, cfg, overwrite, resume, state)
     base = model_stage.load_base(cfg.model, cfg.quantization, path)
-    args = make_sft_config(cfg, base.dtype)
+    args = make_sft_config(cfg, base.dtype, base)
     # Seeded before the adapter is built: the same LoRA init on every rank (FSDP shards it
     # without broadcasting from rank 0) and from one run to the next.
     set_seed(cfg.seed)
@@ -50,6 +55,9 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
     counts = model_stage.parameter_counts(model)
     say(state, f"model: {path}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
                f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)")
+    preflight_record, lines = preflight(cfg, model, args, len(train_ds), report.tokens.get("length_max"),
+                                        state.num_processes)  # refuses (UserError) what clearly cannot fit
+    say(state, *lines)
 
     trainer = make_trainer(args, model, tokenizer, train_ds, eval_ds, run)
     world = state.num_processes
@@ -57,12 +65,15 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
     say(state, f"batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
                f"x {world} processes = {global_batch} examples per optimizer step")
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resolve_resume(run, resume))
+    checkpoint = resolve_resume(run, resume)
+    if checkpoint and state.is_main_process:
+        trim_log(run / "log.jsonl", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Guard)).raise_if_stopped()
     final_eval = trainer.evaluate() if eval_ds is not None else {}
     metrics = {
         **counts,
-        "train_loss": result.training_loss,
+        "train_loss": whole_run_loss(trainer) if checkpoint else result.training_loss,
         "final_logged_loss": last_logged(trainer, "loss"),
         "first_logged_loss": first_logged(trainer, "loss"),
         "eval_loss": final_eval.get("eval_loss"),
@@ -75,11 +86,14 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
         "chat_template": template,
         "data_files": data_fingerprints(cfg),
         "git_commit": git_commit(),
+        "preflight": preflight_record,
+        "peak_memory": peak_memory(),
     }
     weights = gather_sharded_weights(trainer)  # every rank joins; None when not sharded
     if state.is_main_process:
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run / "adapter", weights)
         finish_run_dir(run, metrics)
+        refresh_report(run)
     state.wait_for_everyone()
     say(state, f"run complete: {run}")
     return run
@@ -148,6 +162,7 @@ def start_run_dir(run: Path, cfg: RunConfig, overwrite: bool, resume, state) -> 
         if overwrite and run.exists() and not resume:
             shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(run)
         (run / "config.yaml").write_text(cfg.to_yaml())
         write_json_atomic(run / "metrics.json", {"status": "running", "versions": package_versions()})
         if not resume:
@@ -160,26 +175,108 @@ def resolve_resume(run: Path, resume) -> str | bool | None:
     if not resume:
         return None
     if resume is True or resume == "auto":
-        ckpts = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        # trainer_state.json is written last: a checkpoint without it was cut short by a crash
+        ckpts = sorted((p for p in (run / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                       key=lambda p: int(p.name.split("-")[-1]))
         return str(ckpts[-1]) if ckpts else None
     return str(resume)
 
 
-def make_sft_config(cfg: RunConfig, dtype):
-    """trl.SFTConfig from the training section; precision flags follow the model dtype unless set."""
+def remove_partial_saves(run: Path) -> None:
+    """Delete what a killed run left half-written (atomic_dir / write_json_atomic temporaries)."""
+    import shutil
+
+    for stale in run.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def whole_run_loss(trainer) -> float | None:
+    """Mean training loss over every step of a resumed run (the trainer's own covers only the steps since).
+
+    From the log history restored with the checkpoint: each logged loss averages the steps since the last log.
+    """
+    logged = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h and "step" in h]
+    if not logged:
+        return None
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total, previous = total + loss * (step - previous), step
+    return total / previous
+
+
+def trim_log(log: Path, checkpoint: str) -> None:
+    """Drop log.jsonl records past the checkpoint: those steps are trained again after a crash."""
+    try:
+        step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError):
+        return
+    log.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+
+
+def make_sft_config(cfg: RunConfig, dtype, model=None):
+    """trl.SFTConfig from the training section; precision, kernels and checkpointing follow the hardware unless set.
+
+    `model`: the loaded base, for the memory estimate that decides gradient checkpointing on a GPU.
+    """
     import torch
     from trl import SFTConfig
 
     args: dict[str, Any] = dict(cfg.sft_args)
     on_gpu = torch.cuda.is_available()
+    if "report_to" not in cfg.training and importlib.util.find_spec("tensorboard") is not None:
+        # TensorBoard when installed (never a dependency), logging into <output_dir>/tensorboard
+        args["report_to"] = "tensorboard"
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
     args.setdefault("bf16", on_gpu and dtype == torch.bfloat16)
     args.setdefault("fp16", on_gpu and dtype == torch.float16)
-    args.setdefault("include_num_input_tokens_seen", "non_padding")
+    args.setdefault("use_liger_kernel", on_gpu and liger_available())
+    if "gradient_checkpointing" not in args:  # TRL's default is on; ours is "only when memory needs it"
+        args["gradient_checkpointing"] = on_gpu and model is not None and needs_gradient_checkpointing(args, model)
+    padding_free = args.get("padding_free") and not args.get("packing")
+    if padding_free:
+        # The data stage already dropped or cut rows longer than max_length; TRL refuses padding-free
+        # without packing while max_length is set, because it would not truncate.
+        args["max_length"] = None
+    # A padding-free batch holds no pad token, and pad == EOS for many tokenizers (SmolLM2's): count them all.
+    no_pads = padding_free and args.get("pad_to_multiple_of") in (None, "auto")
+    args.setdefault("include_num_input_tokens_seen", "all" if no_pads else "non_padding")
     args.setdefault("use_cpu", runs_on_cpu(cfg))  # must agree with the PartialState made in train()
     try:
         return SFTConfig(**args)
     except (ValueError, TypeError) as e:
         raise UserError(f"training: {str(e).splitlines()[0]}", exit_code=2) from None
+
+
+def liger_available() -> bool:
+    """Whether Liger's Triton kernels can be used (liger-kernel installed; the caller checks for a GPU)."""
+    from transformers.utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
+
+
+def needs_gradient_checkpointing(args: dict[str, Any], model) -> bool:
+    """True when weights + activations of the longest possible micro-batch overflow 90% of this GPU.
+
+    Activations are estimated at (16 hidden + 6 intermediate) values per token and layer: what a
+    llama-style layer keeps for the backward pass with LoRA (norm, q/k/v, attention output and the
+    adapters' dropout copies; gate, up, their product). Rough, and meant to err on the safe side.
+    """
+    import torch
+
+    text = model.config.get_text_config()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = int(args.get("per_device_train_batch_size", 8)) * int(args.get("max_length") or 1024)
+    width = 2 if args.get("bf16") or args.get("fp16") or model.dtype in (torch.bfloat16, torch.float16) else 4
+    per_token = text.num_hidden_layers * (16 * text.hidden_size + 6 * text.intermediate_size) * width
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    needed = weights + tokens * per_token
+    if needed > 0.9 * total:
+        print(f"[peft-pipeline] gradient checkpointing on: ~{needed / 2**30:.0f} GiB estimated for "
+              f"{tokens} tokens per micro-batch, {total / 2**30:.0f} GiB on the GPU "
+              "(set training.gradient_checkpointing to decide yourself)", flush=True)
+        return True
+    return False
 
 
 def make_trainer(args, model, tokenizer, train_ds, eval_ds, run: Path):
