@@ -39,8 +39,12 @@ demo: install
 	$(BIN)/peft-pipeline export $(RUN) --format gguf --quant f16
 	$(BIN)/peft-pipeline summary $(RUN)
 
+# Benchmark: docs/benchmarks.md (+ .json). BENCH_ARGS sizes it for 2 CPU cores, where it takes
+# about 20 minutes; on a GPU: make bench BENCH_ARGS="--model-config llama-3.2-1b" (then the
+# bench's own defaults apply: batch 8, 2 warm-up + 8 measured steps, max_length 2048).
+BENCH_ARGS ?= --batch-size 4 --max-length 1024 --warmup 0 --steps 2 --short-steps 1 --profile defaults,padded
 bench: install
-	$(BIN)/peft-pipeline bench --out docs/benchmarks.md
+	$(BIN)/peft-pipeline bench --out docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

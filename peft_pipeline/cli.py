@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-length", type=int, default=2048, help="longest row in tokens (default 2048)")
     b.add_argument("--max-samples", type=int, metavar="N", help="rows read from each data file (default all)")
     b.add_argument("--peak-tflops", type=float, metavar="T", help="peak for MFU (default: by GPU name, measured on CPU)")
+    b.add_argument("--profile", metavar="A,B", help="these variants train one more step under torch.profiler")
     b.add_argument("--no-progress", action="store_true", help="no per-step lines")
     return p
 
