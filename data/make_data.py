@@ -6,6 +6,7 @@ Writes (under DIR, default: the folder this script lives in):
   orders/{train,validation,test}.jsonl  alpaca rows: sentence -> order JSON (extraction task)
   chat/{train,validation}.jsonl         OpenAI `messages` rows: a multi-turn shopping-list assistant
   longtail/train.jsonl                  alpaca rows with long-tailed lengths (packing/padding benchmark)
+  intents/{train,validation}.jsonl      {"text", "label"} rows: customer message -> intent (classification)
 
 The output is a pure function of the seed: the committed files are what this script writes with
 the default seed, and tests/test_bundled_data.py checks that byte for byte. Each dataset draws
@@ -287,8 +288,111 @@ def make_longtail(seed: int) -> dict[str, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# intents: customer messages about an order -> one of five intents (task: classification).
+# Every class mentions orders, items and order numbers, and many phrasings avoid the obvious
+# keyword ("I no longer want it" is cancel, "where is it" is track), so a bag of words is not enough.
+# ---------------------------------------------------------------------------------------------
 
-GENERATORS = {"orders": make_orders, "chat": make_chat, "longtail": make_longtail}
+INTENTS_PER_CLASS = {"train": 60, "validation": 20}
+INTENT_TEMPLATES = {
+    "cancel": [
+        "Please cancel order {order}, I no longer need the {item}.",
+        "I changed my mind about the {item}. Can you stop order {order} before it ships?",
+        "I don't want the {item} anymore, please call off the order.",
+        "Cancel my order for the {item}, I ordered it by mistake.",
+        "Is it too late to cancel {order}? I found the {item} cheaper elsewhere.",
+        "Please don't send the {item}, I want to withdraw order {order}.",
+        "Could you void order {order}? We no longer need the {item}.",
+        "Stop the order for the {item} please, I placed it twice.",
+        "I'd like to cancel the {item} I ordered {days} days ago.",
+        "Scrap order {order}, nobody here needs the {item} after all.",
+    ],
+    "refund": [
+        "I returned the {item} {days} days ago and still haven't got my money back.",
+        "Can I get a refund for the {item} from order {order}?",
+        "The {item} arrived broken; I want my money back, not a replacement.",
+        "Please refund the {item}, I was charged twice for order {order}.",
+        "When will the refund for order {order} reach my card?",
+        "I sent the {item} back to your {city} warehouse. Where is my reimbursement?",
+        "I'd like the payment for the {item} reversed, it was the wrong size.",
+        "You charged me for the {item} but it never shipped; please pay me back.",
+        "How long does a refund take? I returned the {item} from {order}.",
+        "Credit my account for the {item}, it was damaged when it came.",
+    ],
+    "track": [
+        "Where is my {item}? Order {order} was placed {days} days ago.",
+        "Can you tell me when order {order} will arrive in {city}?",
+        "Has the {item} shipped yet?",
+        "What is the tracking number for order {order}?",
+        "The website says my {item} is in transit for {days} days now; where is it?",
+        "Is my {item} still on its way to {city}?",
+        "When should I expect the {item}? I ordered it {days} days ago.",
+        "Please give me a delivery date for order {order}.",
+        "Which courier has my {item} and where is it right now?",
+        "I'm waiting for the {item} from order {order}, any update on its status?",
+    ],
+    "change_address": [
+        "I moved to {city}; please send order {order} to my new address.",
+        "Can I change the shipping address for the {item}?",
+        "Please deliver the {item} to my office in {city} instead of my home.",
+        "I typed the wrong street for order {order}, can you update it?",
+        "Ship the {item} to {city} rather than the address on file.",
+        "Could you redirect order {order} to my neighbour's house?",
+        "The delivery address on order {order} is outdated; the new one is in {city}.",
+        "Please update where the {item} goes, I'll be staying in {city}.",
+        "Before the {item} ships, change the destination to my parents' place.",
+        "I need order {order} sent to a different address, I'm no longer at the old flat.",
+    ],
+    "complaint": [
+        "The courier left the {item} in the rain and it was soaked.",
+        "I'm unhappy with how I was treated on the phone about order {order}.",
+        "The {item} from order {order} is poor quality, really disappointing.",
+        "Your driver was rude when delivering the {item} in {city}.",
+        "This is the third time order {order} came late, it is unacceptable.",
+        "The packaging of the {item} was ripped open and half of it was missing.",
+        "I waited {days} days on hold with support; terrible service.",
+        "The {item} looks nothing like the photos on your website.",
+        "Nobody answered my emails about order {order}, I'm very frustrated.",
+        "The {item} smells of smoke, I expected much better from your shop.",
+    ],
+}
+INTENT_OPENERS = ["", "", "Hi, ", "Hello, ", "Hey there. ", "Good morning. ", "Quick question: "]
+INTENT_CLOSERS = ["", "", " Thanks.", " Thank you!", " Regards, {name}.", " - {name}"]
+
+
+def intent_row(rng: random.Random, label: str) -> dict:
+    """One message of class `label`: a template with random slots, opener and sign-off."""
+    singular, _ = rng.choice(ITEMS)
+    text = rng.choice(INTENT_TEMPLATES[label]).format(
+        item=singular, order=f"#{rng.randint(10000, 99999)}", city=rng.choice(CITIES), days=rng.randint(2, 21))
+    opener = rng.choice(INTENT_OPENERS)
+    if opener.endswith(", ") and not text.startswith(("I ", "I'")):
+        text = text[0].lower() + text[1:]  # "Hi, can you ..." ("I" stays capital)
+    closer = rng.choice(INTENT_CLOSERS).format(name=rng.choice(FIRST_NAMES))
+    return {"text": opener + text + closer, "label": label}
+
+
+def make_intents(seed: int) -> dict[str, list[dict]]:
+    """Balanced, unique messages; each split shuffled so classes interleave."""
+    rng = random.Random(f"{seed}:intents")
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {name: [] for name in INTENTS_PER_CLASS}
+    for name in ("validation", "train"):
+        for label in INTENT_TEMPLATES:
+            made = 0
+            while made < INTENTS_PER_CLASS[name]:
+                row = intent_row(rng, label)
+                if row["text"] not in seen:
+                    seen.add(row["text"])
+                    splits[name].append(row)
+                    made += 1
+        rng.shuffle(splits[name])
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+
+GENERATORS = {"orders": make_orders, "chat": make_chat, "longtail": make_longtail, "intents": make_intents}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="FILE", help="compute the loss on this file instead of the run's eval split")
     e.add_argument("--prompts", metavar="FILE", help="prompts with expected answers (default: the run's data.test)")
     e.add_argument("--compare-base", action="store_true", help="also evaluate the base (adapter off); side-by-side table")
+    e.add_argument("--retention", nargs="?", const="auto", metavar="FILE",
+                   help="forgetting check: base vs adapter on general prompts (FILE, default the run's data.retention "
+                        "or the bundled set); reports retained / lost")
     e.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
     e.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward/generate batch (default 8)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N examples and prompts")
@@ -108,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peak-tflops", type=float, metavar="T", help="peak for MFU (default: by GPU name, measured on CPU)")
     b.add_argument("--profile", metavar="A,B", help="these variants train one more step under torch.profiler")
     b.add_argument("--no-progress", action="store_true", help="no per-step lines")
+
+    w = sub.add_parser("sweep", help="hyperparameter search (grid, random, TPE): real runs, pruning, results, best.yaml",
+                       description="Each trial is a training run in SWEEP_DIR/trial-NNN; re-run the same command to "
+                                   "continue an interrupted sweep. See configs/sweeps/.")
+    w.add_argument("config", help="YAML run config (see configs/)")
+    w.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file: method, metric, trials, params (see configs/sweeps/)")
+    w.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values in every trial")
+    w.add_argument("--parallel", type=int, default=1, metavar="N", help="N worker processes, one GPU each (default 1)")
+    w.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set in the processes --parallel starts
+    w.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -188,7 +201,7 @@ def _dispatch(args) -> int:
 
         evaluate(args.run, data=args.data, prompts=args.prompts, compare_base=args.compare_base,
                  sampling=Sampling(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size,
-                 limit=args.limit, progress=_progress(args))
+                 limit=args.limit, progress=_progress(args), retention=args.retention)
         from peft_pipeline.report import refresh_report
 
         refresh_report(args.run)
@@ -211,6 +224,12 @@ def _dispatch(args) -> int:
         from peft_pipeline.runs import summary
 
         print(summary(args.run))
+        return 0
+    if args.verb == "sweep":
+        from peft_pipeline.sweep import sweep
+
+        sweep(args.config, args.sweep, args.overrides, parallel=args.parallel, worker=args.worker,
+              progress=_progress(args))
         return 0
     if args.verb == "bench":
         from peft_pipeline.bench import bench, settings_from_args

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peft_pipeline.errors import UserError
 
@@ -123,8 +123,37 @@ class LoraSection(_Section):
     init: Literal["default", "gaussian", "pissa", "olora", "loftq", "orthogonal"] = "default"
     """Adapter initialization; pissa/olora start from the principal components of the weights."""
     bias: Literal["none", "all", "lora_only"] = "none"
-    layers_to_transform: list[int] | None = None
-    """Only put adapters on these layer indices (None = all layers)."""
+    layers_to_transform: int | str | list[int | str] | None = None
+    """Only put adapters on these decoder layers (None = all): indices and inclusive ranges, e.g. [0, "10-15"] or "20-29"."""
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _check_layer_spec(cls, v):
+        layer_indices(v)  # raises ValueError on a malformed range; the value is kept as written
+        return v
+
+    @property
+    def layer_indices(self) -> list[int] | None:
+        """layers_to_transform with ranges expanded: sorted unique indices (None = all layers)."""
+        return layer_indices(self.layers_to_transform)
+
+
+def layer_indices(spec: int | str | list[int | str] | None) -> list[int] | None:
+    """Expand a layer spec (5, "0-5", [0, "10-15"]) into sorted unique indices; ValueError when malformed."""
+    if spec is None:
+        return None
+    out: set[int] = set()
+    for item in spec if isinstance(spec, list) else [spec]:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if item < 0:
+                raise ValueError(f"layer index {item} is negative")
+            out.add(item)
+            continue
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(item))
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"{item!r} is not a layer index or an inclusive range like '10-15'")
+        out.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return sorted(out)
 
 
 class DataSource(_Section):
@@ -157,6 +186,25 @@ def _as_sources(value: Any) -> Any:
     return value
 
 
+class AugmentSection(_Section):
+    """On-the-fly variations of the training rows (augment.py): a different variant each epoch, reproducible.
+
+    Row i in epoch e gets the variant drawn from Random(seed, e, i) (seed = training.seed), so a rerun or
+    a resumed run sees the same inputs. Only prompts change: answers and loss masks stay as they were.
+    """
+
+    enabled: bool = False
+    """Off by default: training sees every row exactly as written."""
+    probability: float = Field(0.5, gt=0, le=1)
+    """Chance that a row is varied in a given epoch; otherwise it is used as written."""
+    system_prompts: list[str] = []
+    """System messages to pick from for rows without their own ('' = no system message); [] leaves them alone."""
+    instruction_templates: list[str] = []
+    """Alpaca user-turn layouts with {instruction} and optionally {input} (used for rows with an input); literal braces doubled."""
+    shuffle_fields: bool = False
+    """Reorder the keys of a prompt that is a JSON object (an alpaca input or a whole user turn); the JSON stays equal."""
+
+
 class DataSection(_Section):
     """What to train and validate on, and how it becomes tokens."""
 
@@ -176,17 +224,132 @@ class DataSection(_Section):
     """System message for rows that have none (None: the chat template's own default)."""
     cache: bool = True
     """Reuse tokenized data from the cache when files, tokenizer and settings are unchanged."""
+    augment: AugmentSection = AugmentSection()
+    """Prompt variations during training (off by default)."""
+    retention: str | None = "auto"
+    """Forgetting check after training (base vs adapter on general prompts): a JSONL file, 'bundled', or
+    'auto' (the bundled set when the base is the embedded one, else off); null: off."""
 
     _coerce_train = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _as_sources(v)))
+
+
+class ClassificationSection(_Section):
+    """task: classification: a new head on the base that maps a text column to one label (classify.py)."""
+
+    text_column: str = "text"
+    """Column holding the text to classify (rename others with data.train[].columns)."""
+    label_column: str = "label"
+    """Column holding the label: a string or an integer per row."""
+    labels: list[str] | None = None
+    """The classes, in head order; None = the sorted distinct labels of the training data."""
+    eval_before: bool = True
+    """Also score the untrained head (base + new head = chance) on the eval split, for a before/after."""
+
+
+class EarlyStoppingSection(_Section):
+    """Validation monitoring: stop when a metric stops improving, keep the best checkpoint (controls.py)."""
+
+    patience: int | None = Field(None, ge=1)
+    """Evaluations in a row without improvement before training stops; None = early stopping off."""
+    metric: str = "eval_loss"
+    """Eval metric to watch (the eval_ prefix is optional): eval_loss, or one a compute_metrics adds."""
+    threshold: float = Field(0.0, ge=0)
+    """Smallest change over the best value that counts as an improvement (absolute, in the metric's unit)."""
+    greater_is_better: bool | None = None
+    """None = inferred from the name: lower is better for loss/perplexity metrics, higher for the others."""
+    restore_best: bool = True
+    """At the end, load the best checkpoint: adapter/ and the final eval are the best, not the last."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Evaluate and checkpoint every N steps; None = training.eval_steps, else training.save_steps."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether early stopping is on."""
+        return self.patience is not None
+
+    @property
+    def higher_is_better(self) -> bool:
+        """greater_is_better, or inferred from the metric's name."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not any(word in self.metric.lower() for word in ("loss", "perplexity", "ppl"))
+
+    def trainer_args(self, training: dict[str, Any]) -> dict[str, Any]:
+        """The trl.SFTConfig values early stopping needs (empty when off).
+
+        Checkpoints are saved at every evaluation (save_steps = eval_steps) because transformers can
+        restore only a step that has both a metric and a checkpoint.
+        """
+        if not self.enabled:
+            return {}
+        every = self.eval_steps or training.get("eval_steps") or training.get("save_steps") or TRAINING_DEFAULTS["save_steps"]
+        return {"eval_strategy": "steps", "save_strategy": "steps", "eval_steps": every, "save_steps": every,
+                "metric_for_best_model": self.metric, "greater_is_better": self.higher_is_better,
+                "load_best_model_at_end": self.restore_best}
+
+
+class UnfreezeStep(_Section):
+    """One step of a gradual-unfreezing schedule: from `step` (or `epoch`) on, the top `layers` layers train."""
+
+    step: int | None = Field(None, ge=1)
+    """After this many optimizer steps (set step or epoch, not both)."""
+    epoch: int | None = Field(None, ge=1)
+    """After this many whole epochs."""
+    layers: int = Field(gt=0)
+    """Number of top decoder layers trainable from then on."""
+
+    @model_validator(mode="after")
+    def _one_trigger(self):
+        if (self.step is None) == (self.epoch is None):
+            raise ValueError("set exactly one of step or epoch")
+        return self
+
+
+class FreezeSection(_Section):
+    """Which layers train, and when (controls.py): top layers only, gradual unfreezing, per-layer rates."""
+
+    method: Literal["lora", "top_layers"] = "lora"
+    """lora: adapters as in the lora section. top_layers: no adapter; the top `top_layers` decoder layers
+    are fine-tuned in full and everything else (embeddings included) stays frozen; for small models."""
+    top_layers: int | None = Field(None, gt=0)
+    """Decoder layers trainable at the start, counted from the top (None = all). With lora, adapters
+    below them stay frozen until a schedule step unfreezes them. Required for method top_layers."""
+    train_head: bool = False
+    """top_layers: also train the final norm and the LM head (tied to the input embeddings in many
+    small models, which then train too)."""
+    unfreeze: list[UnfreezeStep] = []
+    """Gradual unfreezing: [{step: 100, layers: 8}, {step: 200, layers: 16}] or with epoch: instead of step."""
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+    """Discriminative rates: a layer k below the top one trains at learning_rate * decay**k; the head at
+    learning_rate, trained embeddings at learning_rate * decay**num_layers. 1.0 = one rate."""
+
+    @property
+    def active(self) -> bool:
+        """Whether any freezing control is set (the lora defaults alone are not one)."""
+        return self.method != "lora" or self.top_layers is not None or bool(self.unfreeze) or self.layer_lr_decay != 1.0
+
+    @property
+    def weights_dir(self) -> str:
+        """Run-dir subfolder of the trained weights: adapter/ (a PEFT adapter) or model/ (a full model)."""
+        return "model" if self.method == "top_layers" else "adapter"
 
 
 class RunConfig(_Section):
     """A whole run. YAML keys equal these field names."""
 
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    """causal_lm: instruction/chat fine-tuning (SFT). classification: a new sequence-classification head
+    (trained in full) with LoRA on the body; see the classification section."""
     model: ModelSection = ModelSection()
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
     data: DataSection = DataSection()
+    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
+    """Evaluate every N steps, stop after `patience` evaluations without improvement, keep the best."""
+    freeze: FreezeSection = FreezeSection()
+    """Layer selection for training: top layers only, gradual unfreezing, layer-wise learning rates."""
+    classification: ClassificationSection = ClassificationSection()
+    """Settings for task: classification (ignored otherwise)."""
     training: dict[str, Any] = {}
     """Any trl.SFTConfig field (see TRL's docs); unset ones take TRAINING_DEFAULTS, then TRL's."""
     output_dir: str = "runs/run"
@@ -195,7 +358,7 @@ class RunConfig(_Section):
     @property
     def sft_args(self) -> dict[str, Any]:
         """The keyword arguments for trl.SFTConfig: our defaults under the user's values."""
-        args = {**TRAINING_DEFAULTS, **self.training}
+        args = {**TRAINING_DEFAULTS, **self.training, **self.early_stopping.trainer_args(self.training)}
         args["output_dir"] = str(Path(self.output_dir) / "checkpoints")
         return args
 
@@ -407,12 +570,142 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
                 add(("data", section, i, "path"), f"{src.path} does not exist")
     if data.test and not Path(data.test).exists():
         add(("data", "test"), f"{data.test} does not exist")
+    problems += _augment_problems(cfg, lines, source)
+    if data.retention not in (None, "auto", "bundled") and not Path(data.retention).expanduser().is_file():
+        add(("data", "retention"), f"{data.retention} does not exist; give a JSONL file of {{prompt, expected}}, "
+                                   "'bundled', 'auto' or null")
     if cfg.eval_requested and not data.eval and data.val_fraction == 0:
-        add(("training", "eval_strategy"), "evaluation requested but there is no eval data; set data.eval or data.val_fraction")
+        asked_by = ("early_stopping", "patience") if cfg.early_stopping.enabled else ("training", "eval_strategy")
+        add(asked_by, "evaluation requested but there is no eval data; set data.eval or data.val_fraction")
+    problems += _control_problems(cfg, lines, source)
     if cfg.model.chat_template not in (None, "chatml") and not Path(cfg.model.chat_template).is_file():
         add(("model", "chat_template"), f"{cfg.model.chat_template!r} is neither 'chatml' nor an existing .jinja file")
+    if cfg.task == "classification":
+        problems += _classification_problems(cfg, lines, source)
     problems += _training_problems(cfg.training, lines, source)
     return problems
+
+
+def _augment_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:
+    """data.augment settings that would do nothing, or that the trainer would silently undo."""
+    import string
+
+    aug, problems = cfg.data.augment, []
+    where = lambda *loc: _where(lines, source, ("data", "augment", *loc))  # noqa: E731
+    for i, tmpl in enumerate(aug.instruction_templates):
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(tmpl) if name is not None}
+        except ValueError as e:
+            problems.append(f"{where('instruction_templates', i)}: {e} (write literal braces as {{{{ and }}}})")
+            continue
+        unknown = sorted(names - {"instruction", "input"})
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], ["instruction", "input"], n=1)
+            hint = f" (did you mean {{{close[0]}}}?)" if close else " (use {instruction} and {input}; double literal braces)"
+            problems.append(f"{where('instruction_templates', i)}: unknown placeholder {{{unknown[0]}}}{hint}")
+        elif "instruction" not in names:
+            problems.append(f"{where('instruction_templates', i)}: needs {{instruction}}, or the task disappears from the prompt")
+    if not aug.enabled:
+        return problems
+    if not (aug.system_prompts or aug.instruction_templates or aug.shuffle_fields):
+        problems.append(f"{where('enabled')}: nothing to vary; set system_prompts, instruction_templates or "
+                        "shuffle_fields: true (or enabled: false)")
+    args = cfg.sft_args
+    if args.get("packing"):
+        problems.append(f"{_where(lines, source, ('training', 'packing'))}: packing fixes every row's tokens before "
+                        "training, so data.augment would vary nothing; set packing: false (padding_free keeps the speed)")
+    if args.get("dataloader_persistent_workers"):
+        problems.append(f"{_where(lines, source, ('training', 'dataloader_persistent_workers'))}: persistent workers "
+                        "keep the first epoch's variants; set it to false with data.augment")
+    return problems
+
+
+# trl.SFTConfig fields a classification run has no use for (it trains with transformers.Trainer on
+# padded batches); max_length is not among them: it caps the tokenized text.
+SFT_ONLY_FIELDS = ("padding_free", "packing", "packing_strategy", "eval_packing", "pad_to_multiple_of",
+                   "completion_only_loss", "assistant_only_loss", "loss_type", "activation_offloading",
+                   "truncation_mode", "shuffle_dataset", "dataset_num_proc", "eos_token", "pad_token")
+
+
+def _classification_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:
+    """Settings that make no sense with task: classification, each with what to do instead."""
+    out: list[str] = []
+
+    def add(loc: tuple, msg: str) -> None:
+        out.append(f"{_where(lines, source, loc)}: {msg}")
+
+    c, data = cfg.classification, cfg.data
+    if cfg.quantization.mode == "8bit":
+        # 4-bit (QLoRA) is the tested path; 8-bit bitsandbytes layers are not exercised with a new head.
+        add(("quantization", "mode"), "8bit is not supported with task: classification; use none or 4bit")
+    if c.text_column == c.label_column:
+        add(("classification", "label_column"), f"equals text_column ({c.text_column!r}); name two different columns")
+    if c.labels is not None:
+        if len(c.labels) < 2:
+            add(("classification", "labels"), f"a classifier needs at least 2 labels, got {c.labels}")
+        dupes = sorted({x for x in c.labels if c.labels.count(x) > 1})
+        if dupes:
+            add(("classification", "labels"), f"duplicate labels {dupes}; list each class once")
+    for section in ("train", "eval"):
+        for i, src in enumerate(getattr(data, section)):
+            if src.format != "auto":
+                add(("data", section, i, "format"), f"'{src.format}' is an SFT format; classification reads "
+                    "classification.text_column and label_column: remove format")
+    if data.test:
+        add(("data", "test"), "generation prompts do not apply to task: classification; the eval split is scored")
+    if data.train_on_prompt:
+        add(("data", "train_on_prompt"), "no prompt/answer split in classification; remove it")
+    if data.system_prompt is not None:
+        add(("data", "system_prompt"), "classification feeds the raw text (no chat template); remove it")
+    for key, value in cfg.training.items():
+        # a saved run config writes TRAINING_DEFAULTS out (padding_free: true); those values re-load
+        if key in SFT_ONLY_FIELDS and (key not in TRAINING_DEFAULTS or value != TRAINING_DEFAULTS[key]):
+            add(("training", key), "an SFT setting; task: classification trains with transformers.Trainer on "
+                "padded batches: remove it")
+    return out
+
+
+def _control_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:
+    """early_stopping: and freeze: against each other and the training section (model-dependent checks: controls.py)."""
+    out: list[str] = []
+
+    def add(loc: tuple, msg: str) -> None:
+        out.append(f"{_where(lines, source, loc)}: {msg}")
+
+    es, fr = cfg.early_stopping, cfg.freeze
+    for key, value in es.trainer_args(cfg.training).items():
+        if key not in cfg.training:
+            continue
+        mine, theirs = _plain(value), _plain(cfg.training[key])
+        if key == "metric_for_best_model":
+            mine, theirs = mine.removeprefix("eval_"), theirs.removeprefix("eval_")
+        if mine != theirs:
+            add(("training", key), f"{cfg.training[key]!r} conflicts with early_stopping, which sets {key}: {value!r}; "
+                "remove it from training: (the evaluation interval is early_stopping.eval_steps)")
+    if fr.method == "top_layers":
+        if fr.top_layers is None:
+            add(("freeze", "top_layers"), "method top_layers needs the number of top layers to fine-tune, e.g. top_layers: 4")
+        if cfg.quantization.mode != "none":
+            add(("freeze", "method"), "top_layers fine-tunes the base weights, which cannot be trained quantized; "
+                "set quantization.mode: none")
+    if fr.unfreeze and fr.top_layers is None:
+        add(("freeze", "unfreeze"), "a schedule needs freeze.top_layers: the number of top layers that train from the start")
+    for i, st in enumerate(fr.unfreeze):
+        if fr.top_layers is not None and st.layers <= fr.top_layers:
+            add(("freeze", "unfreeze", i, "layers"), f"{st.layers} does not unfreeze anything: top_layers is already "
+                f"{fr.top_layers}; give more layers")
+    if fr.train_head and fr.method != "top_layers":
+        add(("freeze", "train_head"), "only for method top_layers; with lora train the head with lora.modules_to_save: [lm_head]")
+    if fr.active and getattr(cfg, "task", "causal_lm") != "causal_lm":
+        add(("freeze",), f"freezing controls apply to task: causal_lm only (this run is task: {cfg.task})")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A training value as comparable text: enums and their strings ('IntervalStrategy.STEPS' -> 'steps')."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return value
+    return str(getattr(value, "value", value)).lower().split(".")[-1]
 
 
 def _looks_local(path: str) -> bool:

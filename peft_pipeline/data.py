@@ -188,8 +188,11 @@ def detect_format(columns: Iterable[str], first: dict[str, Any] | None = None) -
     )
 
 
-def normalize(row: Row, fmt: str, system_prompt: str | None = None) -> dict[str, Any]:
-    """Turn one raw row into {'messages'}, {'prompt','completion'} or {'text'}; errors name the row."""
+def normalize(row: Row, fmt: str, system_prompt: str | None = None, keep_fields: bool = False) -> dict[str, Any]:
+    """Turn one raw row into {'messages'}, {'prompt','completion'} or {'text'}; errors name the row.
+
+    keep_fields: alpaca rows also keep {'fields': {instruction, input}} (augment.py re-lays the user turn out).
+    """
     d = row.data
 
     def need(key: str, kind=str):
@@ -212,6 +215,8 @@ def normalize(row: Row, fmt: str, system_prompt: str | None = None) -> dict[str,
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": instruction + (f"\n\n{extra}" if extra.strip() else "")})
         messages.append({"role": "assistant", "content": output})
+        if keep_fields:
+            return {"messages": messages, "fields": {"instruction": instruction, "input": extra}}
         return {"messages": messages}
     if fmt == "messages":
         key = "messages" if "messages" in d else "conversations"
@@ -361,7 +366,7 @@ def _render_conversation(messages: list[dict], tokenizer, train_on_prompt: bool,
 
 
 def _insert_eos(text: str, spans: list[tuple[int, int]], positions: list[int], eos: str):
-    out, new_spans, shift, last = [], [], 0, 0
+    out, new_spans, last = [], [], 0
     pos_set = set(positions)
     for pos in sorted(positions):
         out.append(text[last:pos] + eos)
@@ -429,7 +434,20 @@ class DataReport:
         return out
 
 
-def load_examples(sources: list[DataSource], system_prompt: str | None, seed: int, report: DataReport) -> list[dict]:
+def mix(src: DataSource, rows: list, seed: int) -> list:
+    """A source's share of the mixture: max_samples (a seeded sample), then weight (a row multiplier)."""
+    rng = random.Random(f"{seed}:{src.path}")
+    if src.max_samples and src.max_samples < len(rows):
+        rows = [rows[i] for i in sorted(rng.sample(range(len(rows)), src.max_samples))]
+    whole, frac = int(src.weight), src.weight - int(src.weight)
+    mixed = rows * whole
+    if frac:
+        mixed += [rows[i] for i in sorted(rng.sample(range(len(rows)), round(frac * len(rows))))]
+    return mixed
+
+
+def load_examples(sources: list[DataSource], system_prompt: str | None, seed: int, report: DataReport,
+                  keep_fields: bool = False) -> list[dict]:
     """Read, normalize and mix sources (max_samples, then weight) into one list of examples."""
     examples: list[dict] = []
     for src in sources:
@@ -437,29 +455,22 @@ def load_examples(sources: list[DataSource], system_prompt: str | None, seed: in
         if not rows:
             raise UserError(f"{src.path}: no rows; the dataset is empty")
         fmt = src.format if src.format != "auto" else detect_format(rows[0].data.keys(), rows[0].data)
-        normalized = [normalize(r, fmt, system_prompt) for r in rows]
-        rng = random.Random(f"{seed}:{src.path}")
-        if src.max_samples and src.max_samples < len(normalized):
-            normalized = [normalized[i] for i in sorted(rng.sample(range(len(normalized)), src.max_samples))]
-        whole, frac = int(src.weight), src.weight - int(src.weight)
-        mixed = normalized * whole
-        if frac:
-            k = round(frac * len(normalized))
-            mixed += [normalized[i] for i in sorted(rng.sample(range(len(normalized)), k))]
+        normalized = [normalize(r, fmt, system_prompt, keep_fields) for r in rows]
+        mixed = mix(src, normalized, seed)
         report.sources.append({"path": src.path, "format": fmt, "rows": len(rows), "used": len(mixed)})
         examples.extend(mixed)
     return examples
 
 
 def tokenize_examples(examples: list[dict], tokenizer, settings: DataSection, max_length: int | None,
-                      report: DataReport, split: str, progress: bool = True) -> dict[str, list]:
-    """Render, tokenize and length-filter examples; counts go into the report."""
+                      report: DataReport, split: str, progress: bool = True, kept: list[int] | None = None) -> dict[str, list]:
+    """Render, tokenize and length-filter examples; counts go into the report, kept rows' indices into `kept`."""
     from tqdm.auto import tqdm
 
     out: dict[str, list] = {"input_ids": [], "labels": []}
     seen: set[str] = set()
     limit = overlong_chars(tokenizer, max_length)
-    for ex in tqdm(examples, desc=f"Tokenizing {split}", disable=not progress, unit="ex"):
+    for index, ex in enumerate(tqdm(examples, desc=f"Tokenizing {split}", disable=not progress, unit="ex")):
         rendered = render(ex, tokenizer, settings.train_on_prompt)
         # A text this long cannot fit in max_length tokens: drop it, or cut it, before tokenizing,
         # so one huge row (a 50 MB line) costs no gigabytes of token offsets.
@@ -486,6 +497,8 @@ def tokenize_examples(examples: list[dict], tokenizer, settings: DataSection, ma
             seen.add(key)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        if kept is not None:
+            kept.append(index)
     return out
 
 
@@ -515,7 +528,10 @@ def fingerprint(settings: DataSection, tokenizer, max_length: int | None, seed: 
     """Cache key: data file contents, tokenizer (vocab, template, specials), settings and code version."""
     h = hashlib.sha256()
     h.update(f"v{DATA_VERSION}|{max_length}|{seed}|".encode())
-    h.update(settings.model_dump_json(exclude={"cache", "test"}).encode())
+    # retention never changes tokens; augment does (an 'example' column) only when enabled. Left out
+    # otherwise, so the key, and caches written before these settings existed, stay the same.
+    skip = {"cache", "test", "retention"} | (set() if settings.augment.enabled else {"augment"})
+    h.update(settings.model_dump_json(exclude=skip).encode())
     for src in settings.train + settings.eval:
         path = Path(src.path).expanduser()
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
@@ -554,16 +570,25 @@ def build_datasets(settings: DataSection, tokenizer, max_length: int | None, see
     state = PartialState()
     with state.main_process_first():
         if settings.cache and (root / "report.json").is_file():
-            result = _load_cached(root)
-            result[2].cache = f"hit {root}"
-            return result
+            train, evals, report = _load_cached(root)
+            report.cache = f"hit {root}"
+            return _augmented(train, settings, tokenizer, max_length, seed), evals, report
         train, evals, report = _build(settings, tokenizer, max_length, seed, progress and state.is_main_process)
         if settings.cache and state.is_main_process:
             _save_cached(root, train, evals, report)
             report.cache = f"written {root}"
         elif not settings.cache:
             report.cache = "off"
-        return train, evals, report
+        return _augmented(train, settings, tokenizer, max_length, seed), evals, report
+
+
+def _augmented(train, settings: DataSection, tokenizer, max_length, seed):
+    """With data.augment on, the train rows served varied per epoch (augment.AugmentedDataset)."""
+    if not settings.augment.enabled:
+        return train
+    from peft_pipeline.augment import AugmentedDataset
+
+    return AugmentedDataset.wrap(train, tokenizer, settings, max_length, seed)
 
 
 def _build(settings: DataSection, tokenizer, max_length, seed, progress):
@@ -571,12 +596,14 @@ def _build(settings: DataSection, tokenizer, max_length, seed, progress):
 
     report = DataReport()
     report.tokens["max_length"] = max_length
-    train_ex = load_examples(settings.train, settings.system_prompt, seed, report)
+    augment = settings.augment.enabled
+    train_ex = load_examples(settings.train, settings.system_prompt, seed, report, keep_fields=augment)
     if settings.eval:
         eval_ex = load_examples(settings.eval, settings.system_prompt, seed, report)
     else:
         train_ex, eval_ex = split_holdout(train_ex, settings.val_fraction, seed)
-    train_cols = tokenize_examples(train_ex, tokenizer, settings, max_length, report, "train", progress)
+    kept: list[int] = []
+    train_cols = tokenize_examples(train_ex, tokenizer, settings, max_length, report, "train", progress, kept)
     eval_cols = tokenize_examples(eval_ex, tokenizer, settings, max_length, report, "eval", progress) if eval_ex else None
     if not train_cols["input_ids"]:
         limit = overlong_chars(tokenizer, max_length)
@@ -597,6 +624,8 @@ def _build(settings: DataSection, tokenizer, max_length, seed, progress):
         "train_trained": sum(sum(label != -100 for label in ls) for ls in train_cols["labels"]),
         "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1],
     })
+    if augment:  # what augment.py varies, row by row (JSON: Arrow would widen the dicts to one schema)
+        train_cols["example"] = [json.dumps(train_ex[i], ensure_ascii=False) for i in kept]
     train = Dataset.from_dict(train_cols)
     evals = Dataset.from_dict(eval_cols) if eval_cols and eval_cols["input_ids"] else None
     return train, evals, report

@@ -25,14 +25,23 @@ EXAMPLES_SHOWN = 3
 
 def evaluate(path: str | Path, data: str | None = None, prompts: str | None = None, compare_base: bool = False,
              sampling: Sampling | None = None, batch_size: int = 8, limit: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Evaluate the model in `path`, print a summary, write eval.json next to it; return the report."""
+             progress: bool = True, retention: str | None = None) -> dict[str, Any]:
+    """Evaluate the model in `path`, print a summary, write eval.json next to it; return the report.
+
+    `retention`: a retention JSONL file, or 'auto' (the run's data.retention, else the bundled set):
+    base vs adapter on general prompts (retention.py).
+    """
     from peft_pipeline import runs
     from peft_pipeline.paths import write_json_atomic
 
     sampling = sampling or Sampling()
     check_settings(sampling, batch_size, limit)
     target = runs.resolve(path)
+    from peft_pipeline import classify
+
+    if classify.is_classification(target):  # label metrics from a head, not losses and generations
+        return classify.evaluate(target, data=data, prompts=prompts, compare_base=compare_base, batch_size=batch_size,
+                                 limit=limit, progress=progress)
     if compare_base and target.adapter_dir is None:
         raise UserError(f"{path}: --compare-base needs an adapter to switch off, and a merged model has none; "
                         "run it on the run directory instead", exit_code=2)
@@ -40,7 +49,8 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     # Data problems surface before the model loads.
     test = load_test_prompts(target, prompts, limit)
     loss_data = load_loss_data(target, tokenizer, data, limit, progress)
-    if test is None and loss_data is None:
+    retention_set = load_retention(target, retention, path)
+    if test is None and loss_data is None and retention_set is None:
         raise UserError(f"{path}: nothing to evaluate: the run config sets neither data.eval/val_fraction nor "
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
     model = runs.load_model(target, place_on_gpu=True)
@@ -59,9 +69,19 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
                                          progress, desc=f"Generating ({name})")
 
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
+    if retention_set is not None:
+        from peft_pipeline import retention as forgetting
+
+        system = target.config.data.system_prompt if target.config is not None else None
+        report["retention"] = {"file": retention_set[0], **forgetting.check(
+            model, tokenizer, retention_set[1], stop_ids, system, batch_size, progress)}
     out = target.out_dir / "eval.json"
     write_json_atomic(out, report)
     print_report(report)
+    if "retention" in report:
+        from peft_pipeline.retention import summary_line
+
+        print(f"\n{summary_line(report['retention'])}")
     print(f"[peft-pipeline] eval written to {out}")
     return report
 
@@ -101,6 +121,23 @@ def load_test_prompts(target, prompts: str | None, limit: int | None) -> dict | 
                             "training ran); run from there or pass --prompts FILE")
     rows = read_prompts(source, system, need_expected=True)
     return {"file": str(source), "prompts": rows[:limit] if limit else rows}
+
+
+def load_retention(target, setting: str | None, path) -> tuple[str, list] | None:
+    """(file, items) for --retention: FILE, or 'auto' = the run's data.retention, else the bundled set."""
+    from peft_pipeline import retention as forgetting
+
+    if setting is None:
+        return None
+    if target.adapter_dir is None:
+        raise UserError(f"{path}: --retention compares base and adapter, and a merged model has no adapter to switch "
+                        "off; run it on the run directory instead", exit_code=2)
+    file = None
+    if setting == "auto" and target.config is not None:
+        file = forgetting.resolve(target.config.data.retention, target.config.model.name)
+    if file is None:
+        file = forgetting.resolve("bundled" if setting == "auto" else setting, "")
+    return str(file), forgetting.load(file)
 
 
 def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progress: bool) -> dict | None:

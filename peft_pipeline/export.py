@@ -549,6 +549,9 @@ def export(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: str | P
         return export_adapter(target, Path(out) if out else None, push_to_hub)
     if fmt != "gguf":
         raise UserError(f"--format: '{fmt}' is not supported; use gguf or adapter", exit_code=2)
+    from peft_pipeline.classify import refuse
+
+    refuse(target, "GGUF holds language models, not a classification head", "use --format adapter")
     if target.kind == "merged":
         model_dir = target.path
     else:

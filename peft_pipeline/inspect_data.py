@@ -44,6 +44,8 @@ class Inspection:
     examples: list[tuple[list[int], list[int]]]
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    augmented: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    """(label, ids, labels) of the shown examples as data.augment varies them in epochs 0 and 1."""
 
 
 def inspect(cfg: RunConfig, n: int = 3, plain: bool = False, png: str | None = None, progress: bool = True,
@@ -82,8 +84,23 @@ def collect(cfg: RunConfig, n: int, progress: bool = False):
         max_length=cfg.max_length, lengths=[len(x) for x in ids],
         trained=[sum(label != -100 for label in ls) for ls in labels],
         examples=list(zip(ids[:n], labels[:n])), warnings=warnings, notes=notes,
+        augmented=augmented_examples(train_ds, n),
     )
     return ins, tokenizer
+
+
+def augmented_examples(train_ds, n: int, epochs: tuple[int, ...] = (0, 1)) -> list[tuple[str, list[int], list[int]]]:
+    """The first n training rows as data.augment serves them in `epochs`, where that differs from the row as written."""
+    if not hasattr(train_ds, "variant"):  # augmentation off: a plain Dataset
+        return []
+    out = []
+    originals = train_ds[:n]["input_ids"]  # a slice: the rows as written
+    for k, original in enumerate(originals):
+        for epoch in epochs:
+            v = train_ds.variant(k, epoch)
+            if v["input_ids"] != original:
+                out.append((f"train example {k}, epoch {epoch}", v["input_ids"], v["labels"]))
+    return out
 
 
 # --------------------------------------------------------------------------- checks
@@ -229,6 +246,10 @@ def print_inspection(ins: Inspection, tokenizer, color: bool, out) -> None:
     for k, (ids, labels) in enumerate(ins.examples):
         n_trained = sum(label != -100 for label in labels)
         head = f"--- train example {k}: {len(ids)} tokens, {n_trained} trained ({legend})"
+        p("\n" + (f"{DIM}{head}{RESET}" if color else head))
+        p(mark_ansi(ids, labels, tokenizer) if color else mark_plain(ids, labels, tokenizer))
+    for label, ids, labels in ins.augmented:
+        head = f"--- augmented ({label}): {len(ids)} tokens, {sum(x != -100 for x in labels)} trained"
         p("\n" + (f"{DIM}{head}{RESET}" if color else head))
         p(mark_ansi(ids, labels, tokenizer) if color else mark_plain(ids, labels, tokenizer))
     for note in ins.notes:

@@ -96,6 +96,10 @@ def resolve_merge_target(path: str | Path):
     target = runs.resolve(path)
     if target.kind == "merged" or target.adapter_dir is None:
         raise UserError(f"{path}: already a merged model (no adapter); give the run directory that holds adapter/")
+    from peft_pipeline.classify import refuse
+
+    refuse(target, "merge is not supported for task: classification (its checks compare generations)",
+           "use the adapter (it holds the head) on AutoModelForSequenceClassification")
     return target
 
 

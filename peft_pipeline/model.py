@@ -174,17 +174,23 @@ def lora_problems(lora: LoraSection, model) -> list[str]:
         if not any(n == t or n.endswith("." + t) for n in names):
             close = difflib.get_close_matches(t, all_leaves, n=1)
             problems.append(f"lora.modules_to_save: '{t}' matches no module of {arch}" + (f" (did you mean {close[0]}?)" if close else ""))
-    if lora.layers_to_transform:
-        n_layers = getattr(model.config, "num_hidden_layers", None)
-        bad = [i for i in lora.layers_to_transform if n_layers is not None and not 0 <= i < n_layers]
+    if lora.layer_indices:
+        n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+        bad = [i for i in lora.layer_indices if n_layers is not None and not 0 <= i < n_layers]
         if bad:
             problems.append(f"lora.layers_to_transform: {bad} out of range; {arch} has layers 0..{n_layers - 1}")
     return problems
 
 
-def lora_config(lora: LoraSection):
-    """The peft.LoraConfig for this section."""
+def lora_config(lora: LoraSection, model=None):
+    """The peft.LoraConfig for this section (`model`: the base, to spell out all-linear for chosen layers)."""
     from peft import LoraConfig
+
+    targets = lora.target_modules
+    if targets == "all-linear" and lora.layer_indices is not None and model is not None:
+        # peft refuses layers_to_transform with the all-linear shorthand: name every linear leaf but the head.
+        head, linear = model.get_output_embeddings(), set(linear_module_names(model))
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n in linear and m is not head})
 
     init: Any = True if lora.init == "default" else lora.init
     kwargs: dict[str, Any] = {}
@@ -196,13 +202,13 @@ def lora_config(lora: LoraSection):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         modules_to_save=lora.modules_to_save or None,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
         init_lora_weights=init,
         bias=lora.bias,
-        layers_to_transform=lora.layers_to_transform,
+        layers_to_transform=lora.layer_indices,  # ranges expanded
         task_type="CAUSAL_LM",
         **kwargs,
     )
@@ -216,10 +222,14 @@ def attach_adapter(base, lora: LoraSection, quantized: bool, gradient_checkpoint
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         base.enable_input_require_grads()
-    return get_peft_model(base, lora_config(lora))
+    return get_peft_model(base, lora_config(lora, base))
 
 
 def parameter_counts(model) -> dict[str, int]:
     """Trainable and total parameters (4-bit weights counted as their logical size)."""
+    if not hasattr(model, "get_nb_trainable_parameters"):  # a plain model (freeze.method: top_layers)
+        params = list(model.parameters())
+        return {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                "total_params": sum(p.numel() for p in params)}
     trainable, total = model.get_nb_trainable_parameters()
     return {"trainable_params": int(trainable), "total_params": int(total)}

@@ -60,6 +60,9 @@ def resolve(path: str | Path) -> Target:
             cfg = _read_run_config(parent_cfg)
         run_dir = path.parent if parent_cfg.is_file() else None
         return Target("adapter", path, run_dir, path, _base_path(path, cfg), cfg)
+    if cfg is not None and (path / "model" / "config.json").is_file():
+        # A run that fine-tuned the base itself (freeze.method: top_layers): a full model, used like a merged one.
+        return Target("merged", path, path, None, str(path / "model"), cfg)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return Target("merged", path, None, None, str(path), cfg)
     if (path / "config.yaml").is_file():
@@ -126,7 +129,11 @@ def load_model(target: Target, with_adapter: bool = True, quantized: bool | None
     `dtype` / `attn_implementation` override the run's model section (e.g. float32 + eager for merge checks).
     `place_on_gpu` moves an unquantized model to the GPU when there is one (eval, generate, chat).
     """
+    from peft_pipeline.classify import refuse
     from peft_pipeline.config import ModelSection, QuantizationSection
+
+    # A causal LM with a classifier's adapter would generate from an untrained LM head.
+    refuse(target, "it predicts labels, not text", f"use `peft-pipeline eval {target.path}` [--data FILE]")
     from peft_pipeline.model import load_base
 
     model_cfg = target.config.model if target.config is not None else ModelSection(name=target.model_path)
@@ -175,6 +182,11 @@ def summary(path: str | Path) -> str:
     shown = [f"{name} {value:.1%}" for name, value in scores if isinstance(value, (int, float))]
     if shown:
         lines.append("  exact match on test prompts: " + ", ".join(shown))
+    kept = evals.get("retention") or metrics.get("retention")  # eval --retention is the newer one when both exist
+    if kept:
+        from peft_pipeline.retention import summary_line
+
+        lines.append("  " + summary_line(kept))
     if merge:
         parity = merge.get("parity") or {}
         lines.append(f"  merge: {merge.get('status')}, max |logit diff| vs base+adapter {parity.get('max_abs_diff')}, "
@@ -182,7 +194,7 @@ def summary(path: str | Path) -> str:
     if export:
         lines.append(f"  gguf: {export.get('status')}, {export.get('file')} ({export.get('bytes', 0) / 1e6:.0f} MB), "
                      f"greedy identical: {export.get('check', {}).get('greedy_identical')}")
-    for name in ("adapter", "merged", "export", "checkpoints"):
+    for name in ("adapter", "model", "merged", "export", "checkpoints"):
         if (run / name).exists():
             lines.append(f"  {name + '/':13s} {run / name}")
     return "\n".join(lines)

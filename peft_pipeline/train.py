@@ -24,11 +24,20 @@ from peft_pipeline.config import RunConfig
 from peft_pipeline.errors import UserError
 
 
-def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = None, progress: bool = True) -> Path:
-    """Run the whole training stage and return the run directory."""
+def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = None, progress: bool = True,
+          callbacks: list | None = None) -> Path:
+    """Run the whole training stage and return the run directory.
+
+    `callbacks`: extra transformers TrainerCallbacks (a sweep's trial reporter and pruner).
+    """
+    if cfg.task == "classification":  # a new head on the base: its own stage module, same run dir contract
+        from peft_pipeline import classify
+
+        return classify.train(cfg, overwrite=overwrite, resume=resume, progress=progress, callbacks=callbacks)
     from accelerate import PartialState
     from transformers import set_seed
 
+    from peft_pipeline import controls
     from peft_pipeline import data as data_stage
     from peft_pipeline import model as model_stage
     from peft_pipeline.preflight import peak_memory, preflight
@@ -51,7 +60,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
     # Seeded before the adapter is built: the same LoRA init on every rank (FSDP shards it
     # without broadcasting from rank 0) and from one run to the next.
     set_seed(cfg.seed)
-    model = model_stage.attach_adapter(base, cfg.lora, cfg.quantization.mode != "none", args.gradient_checkpointing)
+    model, plan = controls.build_model(base, cfg, args.gradient_checkpointing)  # LoRA, or top layers (freeze:)
     counts = model_stage.parameter_counts(model)
     say(state, f"model: {path}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
                f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)")
@@ -59,7 +68,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
                                         state.num_processes)  # refuses (UserError) what clearly cannot fit
     say(state, *lines)
 
-    trainer = make_trainer(args, model, tokenizer, train_ds, eval_ds, run)
+    trainer = make_trainer(args, model, tokenizer, train_ds, eval_ds, run, callbacks)
+    controls.install(trainer, cfg, plan, run, state.num_processes)  # early stopping, freezing schedule, NEFTune
     world = state.num_processes
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     say(state, f"batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
@@ -88,10 +98,16 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: str | bool | None = N
         "git_commit": git_commit(),
         "preflight": preflight_record,
         "peak_memory": peak_memory(),
+        **controls.summary(trainer),
     }
     weights = gather_sharded_weights(trainer)  # every rank joins; None when not sharded
     if state.is_main_process:
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run / "adapter", weights)
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, run / cfg.freeze.weights_dir, weights)
+        from peft_pipeline.retention import after_training
+
+        retention = after_training(cfg, trainer, tokenizer)  # base vs adapter on general prompts: what training cost
+        if retention is not None:
+            metrics["retention"] = retention
         finish_run_dir(run, metrics)
         refresh_report(run)
     state.wait_for_everyone()
@@ -127,9 +143,11 @@ def runs_on_cpu(cfg: RunConfig) -> bool:
 def validate_against_model(cfg: RunConfig, path: str) -> None:
     """Check lora.* names against the architecture on the meta device (no weights loaded)."""
     from peft_pipeline.config import ConfigError
+    from peft_pipeline.controls import model_problems
     from peft_pipeline.model import lora_problems, meta_model
 
-    problems = lora_problems(cfg.lora, meta_model(cfg.model, path))
+    meta = meta_model(cfg.model, path)
+    problems = lora_problems(cfg.lora, meta) + model_problems(cfg, meta)
     if problems:
         raise ConfigError(cfg.output_dir + "/config", problems)
 
@@ -224,12 +242,7 @@ def make_sft_config(cfg: RunConfig, dtype, model=None):
 
     args: dict[str, Any] = dict(cfg.sft_args)
     on_gpu = torch.cuda.is_available()
-    if "report_to" not in cfg.training and importlib.util.find_spec("tensorboard") is not None:
-        # TensorBoard when installed (never a dependency), logging into <output_dir>/tensorboard
-        args["report_to"] = "tensorboard"
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
-    args.setdefault("bf16", on_gpu and dtype == torch.bfloat16)
-    args.setdefault("fp16", on_gpu and dtype == torch.float16)
+    hardware_defaults(cfg, args, dtype)
     args.setdefault("use_liger_kernel", on_gpu and liger_available())
     if "gradient_checkpointing" not in args:  # TRL's default is on; ours is "only when memory needs it"
         args["gradient_checkpointing"] = on_gpu and model is not None and needs_gradient_checkpointing(args, model)
@@ -241,11 +254,28 @@ def make_sft_config(cfg: RunConfig, dtype, model=None):
     # A padding-free batch holds no pad token, and pad == EOS for many tokenizers (SmolLM2's): count them all.
     no_pads = padding_free and args.get("pad_to_multiple_of") in (None, "auto")
     args.setdefault("include_num_input_tokens_seen", "all" if no_pads else "non_padding")
-    args.setdefault("use_cpu", runs_on_cpu(cfg))  # must agree with the PartialState made in train()
+    if cfg.data.augment.enabled:
+        # TRL's preparation maps the dataset, which would bake one variant in; the data stage already
+        # tokenized, masked and length-checked every row (augment.py).
+        args["dataset_kwargs"] = {"skip_prepare_dataset": True}
     try:
         return SFTConfig(**args)
     except (ValueError, TypeError) as e:
         raise UserError(f"training: {str(e).splitlines()[0]}", exit_code=2) from None
+
+
+def hardware_defaults(cfg: RunConfig, args: dict[str, Any], dtype) -> None:
+    """Unset trainer arguments that follow the machine: logging backend, mixed precision, CPU."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if "report_to" not in cfg.training and importlib.util.find_spec("tensorboard") is not None:
+        # TensorBoard when installed (never a dependency), logging into <output_dir>/tensorboard
+        args["report_to"] = "tensorboard"
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
+    args.setdefault("bf16", on_gpu and dtype == torch.bfloat16)
+    args.setdefault("fp16", on_gpu and dtype == torch.float16)
+    args.setdefault("use_cpu", runs_on_cpu(cfg))  # must agree with the PartialState made in train()
 
 
 def liger_available() -> bool:
@@ -279,7 +309,7 @@ def needs_gradient_checkpointing(args: dict[str, Any], model) -> bool:
     return False
 
 
-def make_trainer(args, model, tokenizer, train_ds, eval_ds, run: Path):
+def make_trainer(args, model, tokenizer, train_ds, eval_ds, run: Path, callbacks: list | None = None):
     """TRL's SFTTrainer on the pre-tokenized data (input_ids + labels), logging to log.jsonl."""
     from trl import SFTTrainer
 
@@ -292,6 +322,12 @@ def make_trainer(args, model, tokenizer, train_ds, eval_ds, run: Path):
     )
     trainer.add_callback(JsonlLogger(run / "log.jsonl"))
     trainer.add_callback(Guard(run))
+    if hasattr(train_ds, "set_epoch"):  # data.augment: the dataset serves each epoch's variants
+        from peft_pipeline.augment import EpochCallback
+
+        trainer.add_callback(EpochCallback(train_ds))
+    for callback in callbacks or ():
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -394,6 +430,7 @@ def gather_sharded_weights(trainer) -> dict | None:
 def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
     """Adapter + tokenizer + chat template + stop tokens, written atomically.
 
+    A plain model (freeze.method: top_layers) is saved whole the same way, into model/ (see runs.resolve).
     `state_dict`: the gathered weights of a sharded model (see gather_sharded_weights).
     """
     from transformers import GenerationConfig

@@ -14,6 +14,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 FILES = {
     "orders/train.jsonl": 400, "orders/validation.jsonl": 40, "orders/test.jsonl": 40,
     "chat/train.jsonl": 80, "chat/validation.jsonl": 10, "longtail/train.jsonl": 600,
+    "intents/train.jsonl": 300, "intents/validation.jsonl": 100,
 }
 ORDER_KEYS = ["customer", "item", "quantity", "city"]
 
@@ -106,3 +107,28 @@ def test_longtail_lengths_are_long_tailed():
     assert lens[int(0.99 * len(lens))] >= 600
     assert 1000 <= lens[-1] <= 2048
     assert (DATA / "longtail/train.jsonl").stat().st_size < 3_000_000
+
+
+INTENTS = ["cancel", "change_address", "complaint", "refund", "track"]
+
+
+@pytest.mark.parametrize("rel,per_class", [("intents/train.jsonl", 60), ("intents/validation.jsonl", 20)])
+def test_intents_schema_and_balance(rel, per_class):
+    rows = read(rel)
+    assert all(list(r) == ["text", "label"] and isinstance(r["text"], str) and r["text"].strip() for r in rows)
+    counts = {lab: sum(r["label"] == lab for r in rows) for lab in INTENTS}
+    assert counts == dict.fromkeys(INTENTS, per_class)
+    # shuffled, not grouped by class: no run of 10 rows with one label
+    labels = [r["label"] for r in rows]
+    assert not any(len(set(labels[i:i + 10])) == 1 for i in range(len(labels) - 9))
+
+
+def test_intents_validation_not_in_train_and_not_keyword_trivial():
+    train = read("intents/train.jsonl")
+    val = {r["text"] for r in read("intents/validation.jsonl")}
+    assert len(val) == 100 and not val & {r["text"] for r in train}
+    # the class name (or its obvious keyword) is absent from many messages of that class
+    keyword = {"cancel": "cancel", "change_address": "address", "complaint": "complain", "refund": "refund", "track": "track"}
+    missing = sum(keyword[r["label"]] not in r["text"].lower() for r in train)
+    assert missing >= len(train) // 2
+
