@@ -23,7 +23,6 @@ steps both ran, which are the same batches.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,16 +73,21 @@ class Variant:
     recipe: str  # "pipeline": this pipeline's train stage; "trl": SFTTrainer as TRL's docs show it
     data: str = "longtail"
     training: dict[str, Any] = field(default_factory=dict)  # pipeline: training.*; trl: SFTConfig kwargs
+    model: dict[str, Any] = field(default_factory=dict)  # pipeline: model.* overrides
     quantize: bool = False  # QLoRA: 4-bit NF4 base
     pipeline_precision: bool = False  # trl: the pipeline's precision (CPU: fp32; GPU: bf16 weights)
     slow_on_cpu: bool = False  # runs `short_steps` measured steps on a CPU
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("defaults", "this pipeline's defaults: padding-free, sdpa (FA2 if installed on GPU), model dtype, "
-                        "no checkpointing, Liger if installed on GPU", "pipeline"),
+    Variant("defaults", "this pipeline's defaults: padding-free, attention within each packed row's documents "
+                        "(FA2 varlen if installed on GPU, else sdpa_varlen), model dtype, no checkpointing, "
+                        "Liger if installed on GPU", "pipeline"),
     Variant("padded", "defaults with training.padding_free=false: pad to the longest row of the batch",
             "pipeline", training={"padding_free": False}),
+    Variant("defaults-sdpa", "defaults with model.attn_implementation=sdpa: transformers' SDPA, which masks the "
+                             "whole pack with a dense block-diagonal mask (sdpa_varlen: each document alone)",
+            "pipeline", model={"attn_implementation": "sdpa"}),
     Variant("trl-baseline", "plain TRL: SFTTrainer(model=path, peft_config=LoraConfig), TRL's defaults "
                             "(gradient checkpointing, bf16 autocast, fp32 weights), prompt/completion "
                             "messages, padded", "trl", slow_on_cpu=True),
@@ -103,6 +107,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 # Comparisons the report states: (name, faster, slower, target ratio or None).
 COMPARISONS = (
     ("padding-free vs padded, longtail", "defaults", "padded", 1.8),
+    ("attention split by document vs dense-mask SDPA", "defaults", "defaults-sdpa", None),
     ("defaults vs plain TRL baseline", "defaults", "trl-baseline", 1.5),
     ("ablation 1: pipeline precision", "trl-dtype", "trl-baseline", None),
     ("ablation 2: no gradient checkpointing", "trl-dtype-nogc", "trl-dtype", None),
@@ -238,6 +243,7 @@ def summarize(steps: list[dict], peak_flops: float | None) -> dict[str, Any]:
     return {
         "tokens_per_s": real / seconds,
         "tokens_per_cpu_s": real / cpu_seconds if cpu_seconds > 0 else None,
+        "cores_busy": cpu_seconds / seconds,  # ~ the thread count when nothing else competes for the cores
         "step_time_s": seconds / len(measured),
         "real_tokens": real,
         "pad_share": 1 - real / computed,
@@ -259,7 +265,7 @@ def pipeline_trainer(v: Variant, s: BenchSettings, model_dir: str, run_dir: Path
     training = {"per_device_train_batch_size": s.batch_size, "max_steps": total, "max_length": s.max_length,
                 **BENCH_ARGS, **v.training}
     cfg = config_from_dict({
-        "model": {"name": model_dir},
+        "model": {"name": model_dir, **v.model},
         "quantization": {"mode": "4bit" if v.quantize else "none"},
         "data": {"train": [data_source(s, v.data)]},
         "training": training,
@@ -722,18 +728,19 @@ def markdown(s: BenchSettings, env: dict, results: list[dict], comparisons: list
         f"(flops.py \"ours\"), against {env['peak_label']}. **Memory** {results[0]['memory_kind'] if results else ''}.",
         "",
         "| variant | what it is | data | measured steps | real tokens | real tok/s | step time (s) | "
-        "pad share | peak memory (MiB) | MFU | final loss |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "pad share | peak memory (MiB) | MFU | final loss | cores busy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "n/a"
         lines.append(f"| {r['variant']} | {r['what']} | {r['data']} | {r['measured_steps']} | {r['real_tokens']} | "
                      f"{r['tokens_per_s']:.1f} | {r['step_time_s']:.2f} | {r['pad_share']:.0%} | "
-                     f"{r['peak_memory_bytes'] / 2**20:.0f} | {fmt_mfu(r['mfu'])} | {loss} |")
+                     f"{r['peak_memory_bytes'] / 2**20:.0f} | {fmt_mfu(r['mfu'])} | {loss} | {r['cores_busy']:.2f} |")
     if comparisons:
-        lines += ["", "Ratios are over the measured steps both variants ran (the same batches); the CPU-time "
-                      "ratio divides by this process's CPU seconds instead of wall time, which other processes "
-                      "on a shared machine disturb less.", "",
+        lines += ["", "Ratios are over the measured steps both variants ran (the same batches). The CPU-time "
+                      "ratio divides by this process's CPU seconds instead of wall time. Cores busy = CPU seconds "
+                      "/ wall seconds: about the thread count when the cores are free; much less means other "
+                      "processes took them and that variant's numbers are suspect.", "",
                   "| comparison | real tok/s ratio | CPU-time ratio | over steps | target | final loss difference | "
                   "peak memory ratio |", "|---|---:|---:|---:|---|---:|---:|"]
         for c in comparisons:

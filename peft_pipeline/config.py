@@ -79,8 +79,10 @@ class ModelSection(_Section):
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; auto = bfloat16 on GPUs that support it, else float32."""
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = "auto"
-    """Attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa."""
+    attn_implementation: Literal["auto", "eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = "auto"
+    """Attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa_varlen (SDPA within each
+    packed document, model.register_sdpa_varlen); sdpa = transformers' SDPA with a dense mask over the pack."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the repository."""
     chat_template: str | None = None

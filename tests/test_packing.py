@@ -2,7 +2,8 @@
 
 A padding-free batch is every row of the batch concatenated into one sequence, with position_ids
 restarting at 0 at each document and no attention_mask (TRL's DataCollatorForLanguageModeling with
-padding_free=True). transformers turns the restarts into a block-diagonal causal mask for sdpa and
+padding_free=True). sdpa_varlen (the CPU default, model.register_sdpa_varlen) runs attention on each
+document's slice; transformers turns the restarts into a block-diagonal causal mask for sdpa and
 eager, but only without a KV cache (use_cache=False, as TRL's compute_loss passes it): with a
 cache the restarts are not looked at and documents attend to each other. Tolerances: fp32 on CPU, so per-document logits agree to 1e-4 and losses to 1e-5 (summation
 order differs between a long and a short sequence); a document that could see its neighbours
@@ -45,6 +46,9 @@ def collate(examples, tokenizer, padding_free: bool):
 def load(path, attn: str):
     from transformers import AutoModelForCausalLM
 
+    from peft_pipeline.model import register_sdpa_varlen
+
+    register_sdpa_varlen()  # what model.resolve_attention does before a load that uses it
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
 
 
@@ -59,7 +63,7 @@ def split(logits: torch.Tensor, examples) -> list[torch.Tensor]:
     return list(logits.split([len(e["input_ids"]) for e in examples]))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa", "eager"])
 def test_padding_free_batch_equals_each_document_alone(tiny_base, tokenizer, examples, attn):
     model = load(tiny_base, attn)
     batch = collate(examples, tokenizer, padding_free=True)
@@ -79,10 +83,45 @@ def test_padding_free_batch_equals_each_document_alone(tiny_base, tokenizer, exa
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                       attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).logits[0]
     later = list(zip(examples, split(leaky, examples), alone))[1:]
-    assert max(abs(doc_loss(got, ex["labels"]) - doc_loss(want, ex["labels"])) for ex, got, want in later) > 1e-2
+    leak = max(abs(doc_loss(got, ex["labels"]) - doc_loss(want, ex["labels"])) for ex, got, want in later)
+    if attn == "sdpa_varlen":
+        assert leak < 1e-5  # it splits wherever the positions restart, mask or not: documents never mix
+    else:
+        assert leak > 1e-2
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sdpa_varlen_gradients_equal_each_document_alone(tiny_base, tokenizer, examples):
+    # Training needs the backward pass right too: the packed row's gradients are the sum of the documents'.
+    batch = collate(examples, tokenizer, padding_free=True)
+    grads = {}
+    for name in ("packed", "alone"):
+        model = load(tiny_base, "sdpa_varlen")
+        if name == "packed":
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+            pieces = split(logits, examples)
+        else:
+            pieces = [model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in examples]
+        sum(doc_loss(p, e["labels"]) for p, e in zip(pieces, examples)).backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["packed"].keys() == grads["alone"].keys() and grads["packed"]
+    for n, g in grads["packed"].items():
+        ref = grads["alone"][n]  # fp32 sums in another order: agree to 1e-4 of the largest entry
+        assert (g - ref).abs().max() <= 1e-4 * ref.abs().max(), (n, (g - ref).abs().max(), ref.abs().max())
+
+
+def test_document_starts():
+    from peft_pipeline.model import document_starts
+
+    q = torch.zeros(1, 2, 7, 4)
+    assert document_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 1]]), q, q) == [0, 3, 5]
+    assert document_starts(torch.tensor([[0, 1, 2, 3, 4, 5, 6]]), q, q) is None  # one document
+    assert document_starts(torch.tensor([[1, 1, 0, 1, 2, 3, 4]]), q, q) is None  # left padding (generate)
+    assert document_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 1]]), q, torch.zeros(1, 2, 9, 4)) is None  # a cache
+    assert document_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 1]] * 2), torch.zeros(2, 2, 7, 4), q) is None  # padded
+    assert document_starts(None, q, q) is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa", "eager"])
 def test_padding_free_batch_loss_equals_the_padded_batch(tiny_base, tokenizer, examples, attn):
     model = load(tiny_base, attn)
     free = collate(examples, tokenizer, padding_free=True)
@@ -134,6 +173,11 @@ def test_defaults_are_padding_free_and_switch_off(tmp_path, tiny_base):
     # TRL refuses padding-free with max_length set (it would not truncate); the data stage already did.
     assert args.padding_free and args.max_length is None
     assert args.include_num_input_tokens_seen == "all"
+    from peft_pipeline.config import ModelSection
+    from peft_pipeline.model import resolve_attention
+
+    assert resolve_attention(ModelSection()) == "sdpa_varlen"  # CPU (no flash-attn): SDPA split by document
+    assert resolve_attention(ModelSection(attn_implementation="sdpa")) == "sdpa"
     # CPU: no Liger, no gradient checkpointing unless asked for.
     assert not args.use_liger_kernel and not args.gradient_checkpointing
 
