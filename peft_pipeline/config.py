@@ -404,6 +404,12 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+# YAML 1.1 needs a dot in a float, so `learning_rate: 1e-4` would arrive as the string "1e-4" and
+# fail deep inside the optimizer; YAML 1.2 (and every user) reads it as a number. Integers still
+# match the int resolver first.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:

@@ -56,6 +56,16 @@ def test_overrides_parse_yaml_scalars(tmp_path, train_file):
     assert cfg.training["eval_strategy"] == "no" and cfg.training["save_strategy"] == "no"
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path, train_file):
+    # PyYAML (YAML 1.1) reads 1e-4 as the string "1e-4", which the optimizer then chokes on.
+    p = write_cfg(tmp_path, f"data:\n  train: {train_file}\ntraining:\n  learning_rate: 1e-4\n  weight_decay: 1E-2\n")
+    cfg = load_config(p)
+    assert cfg.training["learning_rate"] == 1e-4 and isinstance(cfg.training["learning_rate"], float)
+    assert cfg.training["weight_decay"] == 0.01
+    cfg = load_config(p, ["training.learning_rate=2e-5", "training.max_steps=5", "output_dir=run1e5"])
+    assert cfg.training["learning_rate"] == 2e-5 and cfg.training["max_steps"] == 5 and cfg.output_dir == "run1e5"
+
+
 def test_bad_override_syntax_is_a_usage_error():
     with pytest.raises(UserError) as e:
         apply_overrides({}, ["training.max_steps"])
