@@ -1,11 +1,11 @@
-"""Write data/retention/general.jsonl: general prompts the embedded base answers correctly.
+"""Write peft_pipeline/resources/retention-general.jsonl: general prompts the embedded base answers correctly.
 
 Asks every candidate below to the embedded SmolLM2-135M-Instruct exactly as the forgetting
 check does (peft_pipeline.retention: one user turn, its chat template, greedy, 32 new tokens,
 the pipeline's batched left-padded generate) and keeps the ones it gets right, recording its
 answer. A fine-tune that loses one of them has forgotten something its base knew.
 
-    .venv/bin/python data/make_retention.py            # rewrites data/retention/general.jsonl
+    .venv/bin/python data/make_retention.py            # rewrites peft_pipeline/resources/retention-general.jsonl
     .venv/bin/python data/make_retention.py --show     # also print the rejected candidates
 """
 
@@ -98,7 +98,7 @@ CANDIDATES: list[tuple[str, list[str]]] = [
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "data" / "retention" / "general.jsonl"))
+    p.add_argument("--out", default=str(ROOT / "peft_pipeline" / "resources" / "retention-general.jsonl"))
     p.add_argument("--show", action="store_true", help="print every candidate with the base's answer")
     args = p.parse_args()
 

@@ -11,7 +11,7 @@ The report says, per prompt, whether specialization cost it:
   retained: right before and after;  lost: right with the base, wrong with the adapter;
   gained:   wrong before, right after;  the rest were wrong both times.
 
-The bundled set (data/retention/general.jsonl) holds only prompts the embedded base
+The bundled set (peft_pipeline/resources/retention-general.jsonl) holds only prompts the embedded base
 (SmolLM2-135M-Instruct) answers right, so with that base `lost` is exactly what training cost.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from peft_pipeline.errors import UserError
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "retention" / "general.jsonl"
+BUNDLED = Path(__file__).resolve().parent / "resources" / "retention-general.jsonl"  # package data: in every install
 MAX_NEW_TOKENS = 32  # the expected answers are a word or two; 32 tokens leave room for a sentence around them
 SHOWN = 5  # lost/gained prompts named on the summary line
 
