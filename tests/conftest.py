@@ -17,6 +17,18 @@ os.environ.setdefault("PEFT_PIPELINE_NO_PROGRESS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models run faster, and on a busy 2-core machine
+    OpenMP's waits for a descheduled second thread made them 10x slower (subprocesses: sub_env)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
     """The embedded base as a safetensors dir (converted once per cache)."""

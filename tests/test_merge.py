@@ -12,13 +12,7 @@ from peft_pipeline.cli import main
 import conftest
 from conftest import write_jsonl
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread; on a busy 2-core machine, OpenMP waits made them 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 ROWS = [

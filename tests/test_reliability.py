@@ -137,15 +137,7 @@ def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one thread, like the subprocesses (see sub_env)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process training on one thread, like the subprocesses
 
 
 @pytest.fixture(scope="module")
