@@ -235,17 +235,13 @@ def load_data(cfg: RunConfig, tokenizer) -> LabelledData:
 
 def validate_against_model(cfg: RunConfig, path: str, labels: list[str]) -> None:
     """lora.* names checked against the classification architecture on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from peft_pipeline.config import ConfigError
-    from peft_pipeline.model import lora_problems
+    from peft_pipeline.model import lora_problems, meta_model
 
-    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-                                        num_labels=len(labels))
     try:
-        with torch.device("meta"):
-            meta = AutoModelForSequenceClassification.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+        meta = meta_model(cfg.model, path, auto_class=AutoModelForSequenceClassification, num_labels=len(labels))
     except ValueError as e:
         raise UserError(f"model.name: {path} has no sequence-classification head in transformers "
                         f"({str(e).splitlines()[0]})", exit_code=2) from None
@@ -259,21 +255,14 @@ def load_classifier(cfg: RunConfig, path: str, labels: list[str], pad_id: int | 
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from peft_pipeline import model as model_stage
+    from peft_pipeline.model import load_base
 
-    dtype = model_stage.resolve_dtype(cfg.model.dtype)
-    qconf = model_stage.quantization_config(cfg.quantization, dtype) if quantize else None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized": that is the point; we say so ourselves
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, revision=cfg.model.revision, dtype=dtype, attn_implementation=model_stage.resolve_attention(cfg.model),
-            trust_remote_code=cfg.model.trust_remote_code, use_safetensors=None if cfg.model.allow_pickle else True,
-            quantization_config=qconf, device_map=model_stage.device_map_for(qconf is not None),
-            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-        )
-    except OSError as e:
-        raise UserError(f"model.name: cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+        model = load_base(cfg.model, cfg.quantization, path, quantize, auto_class=AutoModelForSequenceClassification,
+                          num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={lab: i for i, lab in enumerate(labels)})
     finally:
         hf_logging.set_verbosity(verbosity)
     # The head pools the last token that is not pad: without a pad id it refuses batches > 1.

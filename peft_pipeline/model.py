@@ -155,15 +155,20 @@ def device_map_for(quantized: bool):
     return {"": PartialState().local_process_index}
 
 
-def load_base(model: ModelSection, q: QuantizationSection, path: str | None = None, quantize: bool = True):
-    """Load the base causal LM (quantized when configured and `quantize`)."""
+def load_base(model: ModelSection, q: QuantizationSection, path: str | None = None, quantize: bool = True,
+              auto_class=None, **extra):
+    """Load the base causal LM (quantized when configured and `quantize`).
+
+    `auto_class` / `extra`: another head on the same body and its from_pretrained arguments
+    (classify.py: AutoModelForSequenceClassification with num_labels, id2label, label2id).
+    """
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(model)
     dtype = resolve_dtype(model.dtype)
     qconf = quantization_config(q, dtype) if quantize else None
     try:
-        base = AutoModelForCausalLM.from_pretrained(
+        base = (auto_class or AutoModelForCausalLM).from_pretrained(
             path,
             revision=model.revision,
             dtype=dtype,
@@ -172,6 +177,7 @@ def load_base(model: ModelSection, q: QuantizationSection, path: str | None = No
             use_safetensors=None if model.allow_pickle else True,
             quantization_config=qconf,
             device_map=device_map_for(qconf is not None),
+            **extra,
         )
     except OSError as e:
         first = str(e).splitlines()[0]
@@ -187,18 +193,22 @@ def linear_module_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def meta_model(model: ModelSection, path: str | None = None):
-    """The architecture on the meta device: module names for validation, no weights loaded."""
+def meta_model(model: ModelSection, path: str | None = None, auto_class=None, **config_kwargs):
+    """The architecture on the meta device: module names for validation, no weights loaded.
+
+    `auto_class` / `config_kwargs`: another head on the body (as in load_base), e.g. num_labels.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = path or resolve_model_path(model)
     try:
-        config = AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code,
+                                            **config_kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"model.name: cannot read a model config from {path} ({str(e).splitlines()[0]})") from None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+        return (auto_class or AutoModelForCausalLM).from_config(config, trust_remote_code=model.trust_remote_code)
 
 
 def lora_problems(lora: LoraSection, model) -> list[str]:
