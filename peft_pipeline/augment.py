@@ -31,6 +31,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from peft_pipeline.config import AugmentSection, DataSection
+from peft_pipeline.data import alpaca_user_turn
 
 
 def template_fields(template: str) -> set[str]:
@@ -105,7 +106,7 @@ def vary(example: dict[str, Any], aug: AugmentSection, system_prompt: str | None
         if fitting:
             content = rng.choice(fitting).format(instruction=instruction, input=extra)
         else:
-            content = instruction + (f"\n\n{extra}" if has_input else "")  # as data.normalize lays it out
+            content = alpaca_user_turn(instruction, extra)  # as data.normalize lays it out
         user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         changed = changed or content != messages[user]["content"]
         messages[user]["content"] = content

@@ -464,14 +464,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.load(raw, Loader=_Loader) if raw != "" else ""  # noqa: S506 - SafeLoader subclass
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        set_dotted(data, key, value)
     return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested mapping, creating (or replacing non-mapping) parents on the way."""
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

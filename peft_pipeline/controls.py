@@ -13,10 +13,8 @@ The config sections and their static checks live in config.py; train.py only wir
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +152,8 @@ def make_optimizer(trainer, plan: Plan):
         raise UserError(f"training.optim: {trainer.args.optim} builds its own parameter groups and cannot be combined "
                         "with freeze.unfreeze or freeze.layer_lr_decay; use adamw_torch", exit_code=2)
     lr, decay = trainer.args.learning_rate, plan.freeze.layer_lr_decay
-    decayed = {id(p) for n, p in trainer.model.named_parameters() if n in set(trainer.get_decay_parameter_names(trainer.model))}
+    decay_names = set(trainer.get_decay_parameter_names(trainer.model))
+    decayed = {id(p) for n, p in trainer.model.named_parameters() if n in decay_names}
     groups: dict[tuple[int, bool], list] = {}
     for name, p in plan.params.items():
         groups.setdefault((plan.depth[name], id(p) in decayed), []).append(p)
@@ -193,8 +192,9 @@ def _emit(log: str | Path | None, state, record: dict, line: str) -> None:
         return
     print(f"[peft-pipeline] {line}", flush=True)
     if log:
-        with open(log, "a") as f:
-            f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **record}) + "\n")
+        from peft_pipeline.train import append_log
+
+        append_log(Path(log), state, record)
 
 
 class Freezer(TrainerCallback):

@@ -213,7 +213,7 @@ def normalize(row: Row, fmt: str, system_prompt: str | None = None, keep_fields:
         system = d.get("system") or system_prompt
         if system:
             messages.append({"role": "system", "content": system})
-        messages.append({"role": "user", "content": instruction + (f"\n\n{extra}" if extra.strip() else "")})
+        messages.append({"role": "user", "content": alpaca_user_turn(instruction, extra)})
         messages.append({"role": "assistant", "content": output})
         if keep_fields:
             return {"messages": messages, "fields": {"instruction": instruction, "input": extra}}
@@ -252,6 +252,11 @@ def normalize(row: Row, fmt: str, system_prompt: str | None = None, keep_fields:
             raise UserError(f"{row.where}: empty text")
         return {"text": text}
     raise UserError(f"{row.where}: unknown format '{fmt}'")
+
+
+def alpaca_user_turn(instruction: str, extra: str) -> str:
+    """An alpaca row's user message: the instruction, then its input (if any) after a blank line."""
+    return instruction + (f"\n\n{extra}" if extra.strip() else "")
 
 
 def _check_messages(messages: Any, where: str, system_prompt: str | None, allow_trailing_user: bool = False) -> list[dict]:
@@ -298,6 +303,12 @@ def end_of_turn(tokenizer) -> str:
     suffix = text[text.rfind("Hello there") + len("Hello there"):]
     found = _first_end_of_turn(suffix, tokenizer)
     return found[1] if found else tokenizer.eos_token
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids generation stops at: the template's end of turn and EOS (what training saved)."""
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
 
 
 def _first_end_of_turn(suffix: str, tokenizer) -> tuple[int, str] | None:

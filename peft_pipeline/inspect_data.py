@@ -77,7 +77,7 @@ def collect(cfg: RunConfig, n: int, progress: bool = False):
     warnings, notes = template_checks(tokenizer)
     train_ds, _, report = data_stage.build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=progress)
     ids, labels = train_ds["input_ids"], train_ds["labels"]
-    stops = {i for i in (tokenizer.convert_tokens_to_ids(eot), tokenizer.eos_token_id) if i is not None}
+    stops = set(data_stage.stop_ids(tokenizer))
     warnings += mask_warnings(ids, labels, stops, cfg.data.train_on_prompt, eot, report, cfg.max_length)
     ins = Inspection(
         report=report, n_train_sources=len(cfg.data.train), template=template, end_of_turn=eot,

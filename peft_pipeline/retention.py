@@ -155,12 +155,10 @@ def after_training(cfg, trainer, tokenizer) -> dict[str, Any] | None:
         print(f"[peft-pipeline] retention: skipped under sharded training; run `peft-pipeline eval "
               f"{cfg.output_dir} --retention`", flush=True)
         return None
-    from peft_pipeline.data import end_of_turn
+    from peft_pipeline.data import stop_ids
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    stop = sorted({i for i in (tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id)
-                   if i is not None})
-    result = {"file": str(path), **check(model, tokenizer, load(path), stop, cfg.data.system_prompt,
+    result = {"file": str(path), **check(model, tokenizer, load(path), stop_ids(tokenizer), cfg.data.system_prompt,
                                          batch_size=int(cfg.sft_args.get("per_device_eval_batch_size", 8)))}
     print(f"[peft-pipeline] {summary_line(result)}", flush=True)
     return result

@@ -109,7 +109,7 @@ def load_tokenizer(target: Target, padding_side: str = "left"):
 
 def stop_token_ids(target: Target, tokenizer) -> list[int]:
     """End-of-turn ids saved at training time (generation_config.json), else template + EOS."""
-    from peft_pipeline.data import end_of_turn
+    from peft_pipeline.data import stop_ids
 
     for d in (target.adapter_dir, Path(target.model_path) if target.kind == "merged" else None):
         gen = d / "generation_config.json" if d else None
@@ -117,8 +117,7 @@ def stop_token_ids(target: Target, tokenizer) -> list[int]:
             eos = json.loads(gen.read_text()).get("eos_token_id")
             if eos is not None:
                 return sorted(set(eos if isinstance(eos, list) else [eos]))
-    ids = {tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
+    return stop_ids(tokenizer)
 
 
 def load_model(target: Target, with_adapter: bool = True, quantized: bool | None = None, dtype: str | None = None,

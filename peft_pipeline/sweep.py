@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from peft_pipeline.config import ConfigError, _where, apply_overrides, config_from_dict, load_yaml
+from peft_pipeline.config import (ConfigError, _Section, _where, apply_overrides, config_from_dict, load_yaml,
+                                  set_dotted)
 from peft_pipeline.errors import UserError
 
 # metrics.json values a trial can be scored on besides the evaluation's eval_* metrics
@@ -37,10 +38,6 @@ RUN_METRICS = ("train_loss", "final_logged_loss", "runtime_s", "eval.accuracy", 
 EVAL_METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_runtime")
 MAX_RETRIES = 3  # a trial killed more often than this is left failed
 GRID_CHECK_LIMIT = 256  # grids up to this size have every point validated up front
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class ParamSpec(_Section):
@@ -225,13 +222,7 @@ def grid_points(spec: SweepConfig) -> list[dict[str, Any]]:
 
 def set_key(data: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted key in a config mapping (the typed counterpart of a `key=value` override)."""
-    node = data
-    *parents, last = key.split(".")
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[last] = copy.deepcopy(value)
+    set_dotted(data, key, copy.deepcopy(value))
 
 
 def base_data(config: str | Path, spec: SweepConfig, overrides: list[str]) -> dict[str, Any]:

@@ -345,9 +345,13 @@ class JsonlLogger(_callback_base()):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.path, state, logs)
+
+
+def append_log(path: Path, state, record: dict) -> None:
+    """One log.jsonl line: the step, epoch and time of the trainer state, then the record."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **record}) + "\n")
 
 
 class Guard(_callback_base()):
@@ -435,11 +439,10 @@ def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None)
     """
     from transformers import GenerationConfig
 
-    from peft_pipeline.data import end_of_turn
+    from peft_pipeline.data import stop_ids
     from peft_pipeline.paths import atomic_dir
 
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
-    stop = sorted({i for i in (eot_id, tokenizer.eos_token_id) if i is not None})
+    stop = stop_ids(tokenizer)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
