@@ -22,8 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from peft_pipeline.errors import UserError
+from peft_pipeline.paths import EMBEDDED_BASE
 
-EMBEDDED_BASE = "smollm2-135m-instruct"
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 

@@ -16,15 +16,13 @@ The numbers go to merge_report.json in the run dir, with a copy in the merged di
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft_pipeline.console import say as _say_prefixed
 from peft_pipeline.errors import UserError
+from peft_pipeline.evaluate.parity import (GEN_TOKENS, N_SAMPLES, TOLERANCE, Measured, Sample, builtin_samples, compare,
+                                           generate, measure, to_sample)
 
-TOLERANCE = 1e-3  # max |logit difference| allowed between merged and base + adapter, both float32
-N_SAMPLES = 4  # examples from the run's data used for the checks
-MAX_SAMPLE_TOKENS = 256  # longer examples are cut: the check needs tokens, not whole documents
-GEN_TOKENS = 24  # greedy tokens generated per prompt
 SAVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHARD_SIZE = "5GB"  # shards that load one at a time, as on the hub
 # Eager attention for the float32 checks: every architecture has it, in every dtype, on every device
@@ -32,27 +30,21 @@ SHARD_SIZE = "5GB"  # shards that load one at a time, as on the hub
 CHECK_ATTENTION = "eager"
 
 # Prompts used when none of the run's data files can be read from here (relative paths, other machine).
-BUILTIN_PROMPTS = (
-    "Write one sentence about the sea.",
-    "What is 12 times 7? Answer with the number only.",
-    "Name three colours, separated by commas.",
-    "Translate 'good morning' into French.",
-)
 
 
 def merge(path: str | Path, out: str | Path | None = None, dtype: str = "auto") -> Path:
     """Merge the adapter of a run into its float32 base, verify, save; return the merged dir."""
-    from peft_pipeline import runs
+    from peft_pipeline.data.template import load_tokenizer, stop_token_ids
     from peft_pipeline.paths import atomic_dir
 
     started = time.time()
     target = resolve_merge_target(path)
     out = check_out_dir(target, Path(out) if out else default_out_dir(target))
     save_dtype = choose_save_dtype(target, dtype)
-    tokenizer = runs.load_tokenizer(target)
+    tokenizer = load_tokenizer(target.tokenizer_dir, padding_side="left")
     samples, source = load_samples(target, tokenizer)
     device = choose_device(target)
-    stop = runs.stop_token_ids(target, tokenizer)
+    stop = stop_token_ids(target, tokenizer)
     report = new_report(target, out, save_dtype, source, samples, device)
     say(f"merging {target.adapter_dir} into {target.model_path} (float32) -> {out}")
     say(f"checking on {len(samples)} examples from {source}")
@@ -83,23 +75,15 @@ def merge(path: str | Path, out: str | Path | None = None, dtype: str = "auto") 
 # --------------------------------------------------------------------------- inputs and outputs
 
 
-def say(*lines: str) -> None:
-    """Progress for people, prefixed like the other stages' lines."""
-    for line in lines:
-        print(f"[peft-pipeline] merge: {line}", flush=True)
 
 
 def resolve_merge_target(path: str | Path):
     """A run dir or adapter dir; a merged model has nothing left to merge."""
-    from peft_pipeline import runs
+    from peft_pipeline.rundir import resolve
 
-    target = runs.resolve(path)
+    target = resolve(path)
     if target.kind == "merged" or target.adapter_dir is None:
         raise UserError(f"{path}: already a merged model (no adapter); give the run directory that holds adapter/")
-    from peft_pipeline.classify import refuse
-
-    refuse(target, "merge is not supported for task: classification (its checks compare generations)",
-           "use the adapter (it holds the head) on AutoModelForSequenceClassification")
     return target
 
 
@@ -148,7 +132,7 @@ def choose_device(target) -> str:
     import torch
 
     from peft_pipeline.config import ModelSection
-    from peft_pipeline.model import meta_model
+    from peft_pipeline.model.load import meta_model
 
     model_cfg = target.config.model if target.config is not None else ModelSection(name=target.model_path)
     n_params = sum(p.numel() for p in meta_model(model_cfg, target.model_path).parameters())
@@ -180,7 +164,7 @@ def _available_ram() -> int | None:
 
 def new_report(target, out: Path, save_dtype: str, source: str, samples, device: str) -> dict:
     """The report's fixed part: what was merged, where, and on what."""
-    from peft_pipeline.train import package_versions
+    from peft_pipeline.rundir import package_versions
 
     return {
         "status": "running",
@@ -247,19 +231,9 @@ def summary_lines(report: dict) -> list[str]:
 # --------------------------------------------------------------------------- samples
 
 
-@dataclass
-class Sample:
-    """One example for the checks: its tokens, the loss mask, and the prompt for greedy generation."""
-
-    ids: list[int]
-    labels: list[int]  # -100 where no loss, as in training
-    prompt: list[int]
-    continuations: dict[str, list[int]] = field(default_factory=dict)  # greedy tokens after `prompt`, by model
-
-
 def load_samples(target, tokenizer) -> tuple[list[Sample], str]:
     """A few of the run's own examples (eval, else test, else train), rendered as in training."""
-    from peft_pipeline import data
+    from peft_pipeline.data.build import DataReport, load_examples
     from peft_pipeline.config import DataSource
 
     cfg = target.config
@@ -271,7 +245,7 @@ def load_samples(target, tokenizer) -> tuple[list[Sample], str]:
             if not local:
                 continue
             try:
-                examples = data.load_examples(local[:1], cfg.data.system_prompt, cfg.seed, data.DataReport())
+                examples = load_examples(local[:1], cfg.data.system_prompt, cfg.seed, DataReport())
             except UserError:
                 continue  # e.g. a test file in a format training does not read
             samples = [s for s in (to_sample(ex, tokenizer, cfg.data.train_on_prompt) for ex in examples[: 4 * N_SAMPLES]) if s]
@@ -280,148 +254,7 @@ def load_samples(target, tokenizer) -> tuple[list[Sample], str]:
     return builtin_samples(tokenizer), "built-in prompts (the run's data files are not readable from here)"
 
 
-def to_sample(example: dict, tokenizer, train_on_prompt: bool) -> Sample | None:
-    """Render one normalized example with the data stage's template and mask; None if unusable."""
-    from peft_pipeline import data
-
-    ids, labels = data.tokenize(data.render(example, tokenizer, train_on_prompt), tokenizer)
-    if "messages" in example:
-        msgs = example["messages"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        text = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    elif "prompt" in example:
-        prompt = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
-    else:
-        prompt = ids[: max(1, min(32, len(ids) // 2))]
-    ids, labels, prompt = ids[:MAX_SAMPLE_TOKENS], labels[:MAX_SAMPLE_TOKENS], prompt[-MAX_SAMPLE_TOKENS:]
-    return Sample(ids, labels, prompt) if len(ids) > 1 and prompt else None
-
-
-def builtin_samples(tokenizer) -> list[Sample]:
-    """Fixed chat prompts; the loss is then plain next-token loss over the whole prompt."""
-    out = []
-    for text in BUILTIN_PROMPTS[:N_SAMPLES]:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(text)["input_ids"]
-        out.append(Sample(ids, list(ids), ids))
-    return out
-
-
 # --------------------------------------------------------------------------- measuring
-
-
-@dataclass
-class Measured:
-    """What one model does on the samples."""
-
-    logits: list = field(default_factory=list)  # per sample, (tokens, vocab) float32 on CPU
-    loss: float | None = None  # mean over the tokens that carry loss in training
-    # continuation name -> per sample (continuation, logits at the positions that predict its tokens)
-    probes: dict[str, list] = field(default_factory=dict)
-
-
-def generate(model, samples: list[Sample], name: str, stop: list[int], tokenizer) -> None:
-    """Greedy continuations of every prompt by `model`, stored on the samples under `name`."""
-    import torch
-    from transformers import GenerationConfig
-
-    device = next(model.parameters()).device
-    config = GenerationConfig(max_new_tokens=GEN_TOKENS, do_sample=False, eos_token_id=stop,
-                              pad_token_id=tokenizer.pad_token_id)
-    with torch.inference_mode():
-        for s in samples:
-            prompt = torch.tensor([s.prompt], device=device)
-            seq = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-            s.continuations[name] = seq[0, prompt.shape[1]:].tolist()
-
-
-def measure(model, samples: list[Sample], probes: tuple[str, ...]) -> Measured:
-    """Logits and loss on every sample, and logits along the named greedy continuations.
-
-    Greedy decoding is a function of the prefix, so two models generate the same continuation
-    exactly when their argmaxes agree at every position of one teacher-forced pass over it: one
-    forward pass per model and prompt instead of GEN_TOKENS decoding steps.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    out = Measured(probes={name: [] for name in probes})
-    total, count = 0.0, 0
-
-    def forward(ids: list[int]):
-        return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
-
-    with torch.inference_mode():
-        for s in samples:
-            logits = forward(s.ids)
-            out.logits.append(logits)
-            labels = torch.tensor(s.labels[1:])
-            mask = labels != -100
-            total += F.cross_entropy(logits[:-1][mask], labels[mask], reduction="sum").item() if mask.any() else 0.0
-            count += int(mask.sum())
-            for name in probes:
-                cont = s.continuations[name]
-                start = len(s.prompt) - 1  # logits at position i predict token i + 1
-                out.probes[name].append((cont, forward(s.prompt + cont)[start:start + len(cont)]))
-    out.loss = total / count if count else None
-    return out
-
-
-def compare(ref: Measured, got: Measured, probe: str, gate: bool = False, tolerance: float = TOLERANCE) -> dict:
-    """Logit differences (examples and continuations), losses and greedy agreement of `got` against `ref`.
-
-    With `gate`, also whether `got` passes: finite, max |diff| below the tolerance, same greedy choices.
-    """
-    import torch
-
-    pairs = list(zip(ref.logits, got.logits)) + [(a, b) for (_, a), (_, b) in zip(ref.probes[probe], got.probes[probe])]
-    diffs = [(a - b).abs() for a, b in pairs]
-    max_diff = max(float(d.max()) for d in diffs)
-    mean_diff = float(torch.cat([d.flatten() for d in diffs]).mean())
-    greedy = [agreement(a, b, tolerance) for (_, a), (_, b) in zip(ref.probes[probe], got.probes[probe])]
-    result = {
-        "max_abs_diff": max_diff,
-        "mean_abs_diff": mean_diff,
-        "loss_reference": ref.loss,
-        "loss": got.loss,
-        "prompts": len(greedy),
-        "greedy_identical": sum(g["identical"] for g in greedy),
-        "greedy_ties": sum(g["tie"] for g in greedy),
-        "greedy": greedy,
-    }
-    if gate:
-        mismatched = [i for i, g in enumerate(greedy) if not g["identical"] and not g["tie"]]
-        reasons = []
-        if not all(bool(torch.isfinite(b).all()) for _, b in pairs):
-            reasons.append("non-finite logits")
-        if not max_diff < tolerance:
-            reasons.append(f"max |logit diff| {max_diff:.3g} >= {tolerance:g}")
-        if mismatched:
-            at = [greedy[i]["diverges_at"] for i in mismatched]
-            reasons.append(f"greedy generations differ on prompt(s) {mismatched} at new token(s) {at}")
-        result["passed"] = not reasons
-        result["reason"] = "; ".join(reasons) or None
-    return result
-
-
-def agreement(ref_logits, got_logits, tolerance: float) -> dict:
-    """Whether two models make the same greedy choice at every step of one continuation.
-
-    Along the reference's own greedy continuation this is "generates the same tokens". A
-    divergence at a tie (the two tokens' reference logits closer than the tolerance) can flip
-    under any rounding, so it is reported but does not fail the check; any other divergence does.
-    """
-    ref_choice, got_choice = ref_logits.argmax(-1).tolist(), got_logits.argmax(-1).tolist()
-    at = next((k for k, (a, b) in enumerate(zip(ref_choice, got_choice)) if a != b), None)
-    if at is None:
-        return {"identical": True, "tie": False, "diverges_at": None}
-    margin = abs(float(ref_logits[at][ref_choice[at]] - ref_logits[at][got_choice[at]]))
-    return {"identical": False, "tie": margin < tolerance, "diverges_at": at}
 
 
 # --------------------------------------------------------------------------- the stages of a merge
@@ -434,12 +267,12 @@ def measure_quantized(target, samples, stop, tokenizer) -> Measured | None:
 
     import torch
 
-    from peft_pipeline import runs
+    from peft_pipeline.model.load import load_model
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return None
     say(f"measuring the adapter on the {target.quantization_mode} base (what training saw)")
-    model = runs.load_model(target, with_adapter=True, quantized=True)
+    model = load_model(target, with_adapter=True, quantized=True)
     generate(model, samples, "quantized", stop, tokenizer)
     measured = measure(model, samples, ("quantized",))
     del model
@@ -451,11 +284,11 @@ def measure_quantized(target, samples, stop, tokenizer) -> Measured | None:
 
 def merge_in_fp32(target, device: str, samples, stop, tokenizer):
     """Base + adapter in float32 (the reference), then merged in place; both measured."""
-    from peft_pipeline import runs
+    from peft_pipeline.model.load import load_model
 
     say(f"loading the float32 base + adapter on {device}")
     # from_pretrained reads safetensors shard by shard into empty (meta) modules: one copy in memory.
-    model = runs.load_model(target, with_adapter=True, quantized=False, dtype="float32",
+    model = load_model(target, with_adapter=True, quantized=False, dtype="float32",
                             attn_implementation=CHECK_ATTENTION).to(device)
     if getattr(model.config, "quantization_config", None):
         raise UserError(f"{target.model_path}: the base checkpoint is itself quantized; merging needs a "
@@ -558,3 +391,8 @@ def check_saved(out: Path, save_dtype: str, cast: Measured, samples, device: str
         result["passed"] = False
         result["reason"] = "; ".join(problems + ([result["reason"]] if result["reason"] else []))
     return result
+
+
+def say(*lines: str) -> None:
+    """console.say under this stage's own prefix."""
+    _say_prefixed(*lines, prefix="[peft-pipeline] merge:")

@@ -1,8 +1,14 @@
-"""Where things live on disk: the user cache, the embedded base model, atomic writes."""
+"""Where things live on disk: the user cache, the base model's directory, atomic writes.
+
+The lowest layer with config.py: every stage finds the base model (resolve_model_path) and writes
+its outputs (atomic_dir, atomic_file, write_json_atomic) through here, so that a crash leaves a
+temporary beside the target, never a target that looks finished.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +28,23 @@ def cache_dir() -> Path:
         return Path(os.environ["PEFT_PIPELINE_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "peft-pipeline"
+
+
+def resolve_model_path(model) -> str:
+    """Local directory for the embedded base, else the user's name (hub id or directory).
+
+    `model`: the config's ModelSection (typed loosely: paths sits below config in the layering).
+    """
+    if model.name == EMBEDDED_BASE:
+        return str(embedded_base_dir())
+    path = Path(model.name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name: {path} exists but has no config.json; point it at a Hugging Face model directory")
+        return str(path)
+    if model.name.startswith((".", "/", "~")) or model.name.count("/") > 1:
+        raise UserError(f"model.name: {model.name} does not exist; give a model directory, a hub id, or {EMBEDDED_BASE}")
+    return model.name
 
 
 def embedded_gguf_path() -> Path:
@@ -95,3 +118,25 @@ def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path):
+    """Yield a temporary path beside `target`; move it over `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)  # same directory, so a rename: readers see the old file or the new, never half
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (also recorded in run dirs as data fingerprints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

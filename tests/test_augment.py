@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from peft_pipeline import augment
-from peft_pipeline.augment import AugmentedDataset, shuffle_json
+from peft_pipeline.data.augment import vary
+from peft_pipeline.data.augment import AugmentedDataset, shuffle_json
 from peft_pipeline.config import ConfigError, DataSection, config_from_dict
-from peft_pipeline.data import build_datasets, fingerprint, normalize, render, tokenize, Row
+from peft_pipeline.data.build import build_datasets, fingerprint
+from peft_pipeline.data.formats import Row, normalize
+from peft_pipeline.data.template import render, tokenize
 
 from conftest import write_jsonl
 
@@ -116,9 +118,9 @@ def test_rows_with_their_own_system_message_keep_it(tokenizer):
 
     own = normalize(Row({"instruction": "x", "output": "y", "system": "Row's own."}, "r"), "alpaca", keep_fields=True)
     aug = AugmentSection(enabled=True, probability=1.0, system_prompts=["Other."])
-    assert augment.vary(own, aug, None, random.Random(0)) is None  # nothing else to vary: the row as written
+    assert vary(own, aug, None, random.Random(0)) is None  # nothing else to vary: the row as written
     ours = normalize(Row({"instruction": "x", "output": "y"}, "r"), "alpaca", "Default.", keep_fields=True)
-    varied = augment.vary(ours, aug, "Default.", random.Random(0))
+    varied = vary(ours, aug, "Default.", random.Random(0))
     assert varied["messages"][0] == {"role": "system", "content": "Other."}
 
 
@@ -159,7 +161,7 @@ def tiny_training(tmp_path, tiny_base, name: str, epochs: int = 2):
 def test_training_sees_other_variants_each_epoch_and_is_reproducible(tmp_path, tiny_base, monkeypatch):
     from safetensors.torch import load_file
 
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     fetched: list[tuple[int, int, tuple[int, ...]]] = []
     original = AugmentedDataset.__getitems__
@@ -184,7 +186,7 @@ def test_training_sees_other_variants_each_epoch_and_is_reproducible(tmp_path, t
 
 
 def test_inspect_shows_augmented_examples(tmp_path, tiny_base, capsys):
-    from peft_pipeline.inspect_data import inspect
+    from peft_pipeline.data.inspect import inspect
 
     cfg = tiny_training(tmp_path, tiny_base, "inspect")
     inspect(cfg, n=1, plain=True, progress=False)

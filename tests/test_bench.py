@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from peft_pipeline.bench import BEGIN, END, MODEL_CONFIGS, VARIANTS, BenchSettings, bench, model_config
+from peft_pipeline.tools.bench import BEGIN, BenchSettings, END, MODEL_CONFIGS, VARIANTS, bench, model_config
 
 from conftest import write_jsonl
 

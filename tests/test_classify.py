@@ -10,10 +10,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peft_pipeline import classify, cli
+from peft_pipeline import cli
+from peft_pipeline.data.labelled import load_data, read_labelled
+from peft_pipeline.evaluate.classify import score_split
+from peft_pipeline.model.load import load_classifier
+from peft_pipeline.train.classify import attach_adapter
 from peft_pipeline.config import ConfigError, DataSource, config_from_dict
 from peft_pipeline.errors import UserError
-from peft_pipeline.train import train
+from peft_pipeline.tasks import train
 
 from conftest import REPO, write_jsonl
 
@@ -62,16 +66,16 @@ def test_labels_come_from_the_column_sorted_or_as_configured(tmp_path, tokenizer
     path = write_jsonl(tmp_path / "t.jsonl", rows)
     cfg = config_from_dict({"task": "classification", "data": {"train": str(path), "eval": str(path)},
                             "classification": {"text_column": "msg", "label_column": "y"}})
-    data = classify.load_data(cfg, tokenizer)
+    data = load_data(cfg, tokenizer)
     assert data.labels == ["greet", "leave"]
     assert data.train["labels"] == [0, 1, 0]
     assert data.train["input_ids"][1] == tokenizer("bye now")["input_ids"]  # raw text, no chat template
     # configured order is the head's order; integer labels become strings
     cfg = config_from_dict({**cfg.model_dump(), "classification": {"text_column": "msg", "label_column": "y",
                                                                    "labels": ["leave", "greet", "other"]}})
-    assert classify.load_data(cfg, tokenizer).train["labels"] == [1, 0, 1]
+    assert load_data(cfg, tokenizer).train["labels"] == [1, 0, 1]
     ints = write_jsonl(tmp_path / "i.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}])
-    got = classify.read_labelled(DataSource(path=str(ints)), cfg.classification.model_copy(
+    got = read_labelled(DataSource(path=str(ints)), cfg.classification.model_copy(
         update={"text_column": "text", "label_column": "label"}))
     assert [label for _, label, _ in got] == ["1", "0"]
 
@@ -81,7 +85,7 @@ def test_columns_rename_and_csv(tmp_path, tokenizer):
     csv.write_text("sentence,intent\nwhere is it,track\nstop it,cancel\n")
     cfg = config_from_dict({"task": "classification", "data": {"train": [{"path": str(csv), "columns":
                                                                           {"sentence": "text", "intent": "label"}}]}})
-    data = classify.load_data(cfg, tokenizer)
+    data = load_data(cfg, tokenizer)
     assert data.labels == ["cancel", "track"] and data.train["labels"] == [1, 0]
     assert data.train["where"] == [f"{csv}:2", f"{csv}:3"]
 
@@ -90,7 +94,7 @@ def test_missing_label_column_names_file_and_line(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "intent": "y"}])
     cfg = config_from_dict({"task": "classification", "data": {"train": str(path)}})
     with pytest.raises(UserError) as e:
-        classify.load_data(cfg, tokenizer)
+        load_data(cfg, tokenizer)
     assert str(e.value).startswith(f"{path}:2: missing column 'label' (classification.label_column; columns here: "
                                    "intent, text)")
     assert e.value.exit_code == 2 and "\n" not in str(e.value)
@@ -101,17 +105,17 @@ def test_bad_labels_name_their_row(tmp_path, tokenizer):
     eval_path = write_jsonl(tmp_path / "e.jsonl", [{"text": "a", "label": "x"}, {"text": "c", "label": "z"}])
     cfg = config_from_dict({"task": "classification", "data": {"train": str(train_path), "eval": str(eval_path)}})
     with pytest.raises(UserError, match=rf"^{eval_path}:2: label 'z' is not a class of this classifier \(x, y\)"):
-        classify.load_data(cfg, tokenizer)
+        load_data(cfg, tokenizer)
     cfg = config_from_dict({**cfg.model_dump(), "classification": {"labels": ["x", "w"]}})
     with pytest.raises(UserError, match=rf"^{train_path}:2: label 'y' is not one of classification.labels"):
-        classify.load_data(cfg, tokenizer)
+        load_data(cfg, tokenizer)
     bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "a", "label": 1.5}])
     with pytest.raises(UserError, match=rf"^{bad}:1: label 'label' must be a non-empty string or an integer, got 1.5"):
-        classify.read_labelled(DataSource(path=str(bad)), cfg.classification)
+        read_labelled(DataSource(path=str(bad)), cfg.classification)
     one = write_jsonl(tmp_path / "o.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "x"}])
     cfg = config_from_dict({"task": "classification", "data": {"train": str(one)}})
     with pytest.raises(UserError, match=r"only the label \['x'\]; a classifier needs at least 2"):
-        classify.load_data(cfg, tokenizer)
+        load_data(cfg, tokenizer)
 
 
 def test_config_problems_for_classification_reported_at_once(tmp_path):
@@ -152,7 +156,7 @@ def test_score_split_on_known_predictions():
     # rows: true a,a,b,b,c,c ; predicted a,b,b,b,a,c (argmax of the logits below)
     logits = {1: [2, 0, 0], 2: [0, 2, 0], 3: [0, 2, 0], 4: [0, 2, 0], 5: [2, 0, 0], 6: [0, 0, 2]}
     cols = {"input_ids": [[1, 9], [2], [3, 9, 9], [4], [5, 9], [6]], "labels": [0, 0, 1, 1, 2, 2]}
-    m = classify.score_split(FixedLogits(logits), cols, labels, pad_id=9, batch_size=4)
+    m = score_split(FixedLogits(logits), cols, labels, pad_id=9, batch_size=4)
     assert m["predicted"] == ["a", "b", "b", "b", "a", "c"]
     assert m["accuracy"] == pytest.approx(4 / 6)
     # precision a 1/2, b 2/3, c 1; recall a 1/2, b 1, c 1/2
@@ -188,7 +192,7 @@ def test_head_trained_in_full_lora_on_the_body_base_unchanged(keyword_run, tiny_
     cfg = config_from_dict(yaml.safe_load((keyword_run / "config.yaml").read_text()))
     tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(adapter)
     set_seed(cfg.seed)
-    fresh = classify.attach_adapter(classify.load_classifier(cfg, str(tiny_base), ["fruit", "music", "tool"],
+    fresh = attach_adapter(load_classifier(cfg, str(tiny_base), ["fruit", "music", "tool"],
                                                              tok.pad_token_id), cfg)
     trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
     assert any("score.modules_to_save" in n for n in trainable)
@@ -200,7 +204,7 @@ def test_head_trained_in_full_lora_on_the_body_base_unchanged(keyword_run, tiny_
     base = load_file(tiny_base / "model.safetensors")
     from peft import PeftModel
 
-    reloaded = PeftModel.from_pretrained(classify.load_classifier(cfg, str(tiny_base), ["fruit", "music", "tool"],
+    reloaded = PeftModel.from_pretrained(load_classifier(cfg, str(tiny_base), ["fruit", "music", "tool"],
                                                                   tok.pad_token_id), adapter)
     checked = 0
     for name, p in reloaded.base_model.model.named_parameters():
@@ -268,7 +272,7 @@ def test_bundled_classify_config_reads_the_bundled_intents(monkeypatch, tokenize
     monkeypatch.chdir(REPO)
     cfg = load_config(REPO / "configs" / "classify.yaml")
     assert cfg.task == "classification"
-    data = classify.load_data(cfg, tokenizer)
+    data = load_data(cfg, tokenizer)
     assert data.labels == ["cancel", "change_address", "complaint", "refund", "track"]
     assert len(data.train["input_ids"]) == 300 and len(data.eval["input_ids"]) == 100
     assert max(map(len, data.train["input_ids"])) <= cfg.max_length  # nothing dropped

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from peft_pipeline.config import ConfigError, LoraSection, config_from_dict
-from peft_pipeline.train import train
+from peft_pipeline.tasks import train
 
 from conftest import make_tiny_llama, write_jsonl
+from peft_pipeline.train import controls
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "output": w} for w in
         ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "piano"]]
@@ -108,8 +109,8 @@ def test_early_stopping_sets_the_trainer_arguments(tmp_path, tiny_base):
 
 def test_layer_counts_are_checked_against_the_architecture(tmp_path, tiny_base):
     from peft_pipeline.config import ModelSection
-    from peft_pipeline.controls import model_problems
-    from peft_pipeline.model import meta_model
+    from peft_pipeline.train.controls import model_problems
+    from peft_pipeline.model.load import meta_model
 
     meta = meta_model(ModelSection(name=str(tiny_base)))
     cfg = config_from_dict(cfg_dict(tmp_path, tiny_base, freeze={"top_layers": 1, "unfreeze": [{"step": 2, "layers": 3}]},
@@ -126,7 +127,7 @@ def test_layer_counts_are_checked_against_the_architecture(tmp_path, tiny_base):
 def test_early_stopping_counts_evaluations_without_improvement_beyond_the_threshold(tmp_path, capsys):
     from transformers import TrainerControl, TrainerState
 
-    from peft_pipeline.controls import EarlyStopping
+    from peft_pipeline.train.controls import EarlyStopping
 
     log = tmp_path / "log.jsonl"
     cb = EarlyStopping(early_stopping_patience=2, early_stopping_threshold=0.05, log=str(log))
@@ -187,8 +188,8 @@ def test_adapters_only_on_the_chosen_layers(tmp_path, base4):
 
 
 def test_top_layers_fine_tunes_only_the_top_layers_and_eval_reads_the_model(tmp_path, base4):
-    from peft_pipeline import runs
-    from peft_pipeline.evaluate import evaluate
+    from peft_pipeline.rundir import resolve
+    from peft_pipeline.evaluate.run import evaluate
 
     d = cfg_dict(tmp_path, base4, training={"max_steps": 3, "save_steps": 50}, freeze={"method": "top_layers", "top_layers": 1})
     run = train(config_from_dict(d), progress=False)
@@ -200,7 +201,7 @@ def test_top_layers_fine_tunes_only_the_top_layers_and_eval_reads_the_model(tmp_
     assert len(moved) == len(layer_tensors(base, 3))  # every weight of the top layer moved
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["trainable_params"] == sum(v.numel() for v in layer_tensors(base, 3).values())
-    target = runs.resolve(run)
+    target = resolve(run)
     assert (target.kind, target.model_path, target.run_dir) == ("merged", str(run / "model"), run)
     report = evaluate(run, progress=False)
     assert report["loss"]["merged"]["loss"] > 0 and (run / "eval.json").is_file()
@@ -268,21 +269,21 @@ def test_layer_lr_decay_gives_each_depth_its_own_rate_through_the_schedule(tmp_p
 
 
 def test_freezing_schedules_refuse_several_processes(tiny_base, tmp_path):
-    from peft_pipeline import controls
+    from peft_pipeline.train.controls import build_model, install
     from peft_pipeline.config import ModelSection, QuantizationSection
-    from peft_pipeline.model import load_base
+    from peft_pipeline.model.load import load_base
 
     cfg = config_from_dict(cfg_dict(tmp_path, tiny_base, freeze={"top_layers": 1, "unfreeze": [{"step": 2, "layers": 2}]}))
-    model, plan = controls.build_model(load_base(ModelSection(name=str(tiny_base)), QuantizationSection()), cfg, False)
+    model, plan = build_model(load_base(ModelSection(name=str(tiny_base)), QuantizationSection()), cfg, False)
     with pytest.raises(ConfigError, match="run on one process only \\(this launch has 2\\)"):
-        controls.install(SimpleNamespace(), cfg, plan, tmp_path, world=2)
+        install(SimpleNamespace(), cfg, plan, tmp_path, world=2)
 
 
 # --------------------------------------------------------------------------- regularization
 
 
 def test_packed_neftune_scales_noise_by_each_example_length():
-    from peft_pipeline.controls import PackedNEFTune, segment_lengths
+    from peft_pipeline.train.controls import PackedNEFTune, segment_lengths
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     assert segment_lengths(pos, (1, 8)).tolist() == [[3, 3, 3, 5, 5, 5, 5, 5]]
@@ -307,7 +308,7 @@ def test_packed_neftune_scales_noise_by_each_example_length():
 
 
 def test_neftune_and_weight_decay_change_padding_free_training(tmp_path, tiny_base, monkeypatch):
-    from peft_pipeline import controls
+    from peft_pipeline.train.controls import segment_lengths
 
     seen = []  # (row width, longest example) of each noised batch
 
@@ -316,7 +317,7 @@ def test_neftune_and_weight_decay_change_padding_free_training(tmp_path, tiny_ba
         seen.append((shape[1], int(lengths.max())))
         return lengths
 
-    segment_lengths = controls.segment_lengths
+    segment_lengths = segment_lengths
     monkeypatch.setattr(controls, "segment_lengths", spy)
 
     def run(name, **training):
@@ -338,7 +339,8 @@ def test_neftune_and_weight_decay_change_padding_free_training(tmp_path, tiny_ba
 
 def test_lora_dropout_is_active_in_training_only(tiny_base):
     from peft_pipeline.config import ModelSection, QuantizationSection
-    from peft_pipeline.model import attach_adapter, load_base
+    from peft_pipeline.model.adapter import attach_adapter
+    from peft_pipeline.model.load import load_base
 
     model = attach_adapter(load_base(ModelSection(name=str(tiny_base)), QuantizationSection()),
                            LoraSection(r=4, dropout=0.5), quantized=False)

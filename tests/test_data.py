@@ -9,20 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peft_pipeline.config import DataSection, DataSource
-from peft_pipeline.data import (
-    CHATML_TEMPLATE,
-    DataReport,
-    Row,
-    build_datasets,
-    detect_format,
-    end_of_turn,
-    load_examples,
-    normalize,
-    read_source,
-    render,
-    split_holdout,
-    tokenize,
-)
+from peft_pipeline.data.build import DataReport, build_datasets, load_examples, split_holdout
+from peft_pipeline.data.formats import Row, detect_format, normalize, read_source
+from peft_pipeline.data.template import CHATML_TEMPLATE, end_of_turn, render, tokenize
 from peft_pipeline.errors import UserError
 
 from conftest import write_jsonl

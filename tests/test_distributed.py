@@ -68,8 +68,8 @@ def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
     return found, kind
 
 PartialState._prepare_backend = prepare_backend
-import peft_pipeline.train
-peft_pipeline.train.runs_on_cpu = lambda cfg: False  # cpu=True would switch FSDP/ZeRO off again
+import peft_pipeline.train.hardware
+peft_pipeline.train.hardware.runs_on_cpu = lambda cfg: False  # cpu=True would switch FSDP/ZeRO off again
 from peft_pipeline.cli import main
 sys.exit(main())
 '''
@@ -144,7 +144,7 @@ def ddp_run(tmp_path_factory, tiny_base):
 def reference_run(tmp_path_factory, tiny_base):
     """1 process x batch 4 for 6 steps, in this process (the plain `peft-pipeline train` path)."""
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     tmp = tmp_path_factory.mktemp("one")
     cfg = run_config(tmp, tiny_base, per_device_train_batch_size=2 * B, max_steps=6, save_steps=STEPS)
@@ -284,7 +284,7 @@ def test_each_process_puts_a_quantized_base_on_its_own_gpu(monkeypatch):
     """Never device_map="auto" (one copy spread over all GPUs, world size 1: trl #921)."""
     import accelerate
 
-    from peft_pipeline.model import device_map_for
+    from peft_pipeline.model.load import device_map_for
 
     class Rank3:
         local_process_index = 3

@@ -13,8 +13,8 @@ import torch
 
 from conftest import make_tiny_llama, write_jsonl
 from peft_pipeline.cli import main
-from peft_pipeline.evaluate import evaluate, load_loss_data, validation_loss
-from peft_pipeline.generate import Sampling, generate, read_prompts
+from peft_pipeline.evaluate.run import evaluate, load_loss_data, validation_loss
+from peft_pipeline.evaluate.generate import Sampling, generate, read_prompts
 from test_generate import ROWS, TEST_ROWS, make_run
 
 
@@ -53,15 +53,17 @@ def manual_loss(model, columns) -> tuple[float, int]:
 
 
 def test_loss_and_perplexity_equal_a_manual_computation(tiny_run, tokenizer):
-    from peft_pipeline import runs
+    from peft_pipeline.data.template import load_tokenizer
+    from peft_pipeline.model.load import load_model
+    from peft_pipeline.rundir import resolve
 
-    target = runs.resolve(tiny_run)
-    tok = runs.load_tokenizer(target)
+    target = resolve(tiny_run)
+    tok = load_tokenizer(target.tokenizer_dir, padding_side="left")
     data = load_loss_data(target, tok, None, None, progress=False)  # the config's data.eval
     columns = data["columns"]
     assert len(columns["input_ids"]) == len(ROWS) - 1
     assert len({len(x) for x in columns["input_ids"]}) > 1  # batches need padding
-    model = runs.load_model(target)
+    model = load_model(target)
     expected, n_tokens = manual_loss(model, columns)
     # Only answer tokens (and the closing <|im_end|>) carry loss.
     assert n_tokens == sum(sum(label != -100 for label in ls) for ls in columns["labels"])
@@ -73,11 +75,13 @@ def test_loss_and_perplexity_equal_a_manual_computation(tiny_run, tokenizer):
 
 
 def test_loss_on_a_given_file_uses_the_run_template_and_masks(tiny_run, tmp_path):
-    from peft_pipeline import runs
-    from peft_pipeline.data import Row, normalize, render, tokenize
+    from peft_pipeline.data.template import load_tokenizer
+    from peft_pipeline.rundir import resolve
+    from peft_pipeline.data.formats import Row, normalize
+    from peft_pipeline.data.template import render, tokenize
 
-    target = runs.resolve(tiny_run)
-    tok = runs.load_tokenizer(target)
+    target = resolve(tiny_run)
+    tok = load_tokenizer(target.tokenizer_dir, padding_side="left")
     path = write_jsonl(tmp_path / "extra.jsonl", ROWS[:2])
     data = load_loss_data(target, tok, str(path), limit=None, progress=False)
     want = [tokenize(render(normalize(Row(r, "x"), "alpaca"), tok), tok) for r in ROWS[:2]]
@@ -90,7 +94,9 @@ def test_loss_on_a_given_file_uses_the_run_template_and_masks(tiny_run, tmp_path
 
 
 def test_eval_compare_base_writes_every_prediction(tmp_path, untied_base, tokenizer, capsys):
-    from peft_pipeline import runs
+    from peft_pipeline.data.template import load_tokenizer, stop_token_ids
+    from peft_pipeline.model.load import load_model
+    from peft_pipeline.rundir import resolve
 
     run = make_run(tmp_path, untied_base, tokenizer)
     assert main(["eval", str(run), "--compare-base", "--max-new-tokens", "6", "--batch-size", "3"]) == 0
@@ -111,12 +117,12 @@ def test_eval_compare_base_writes_every_prediction(tmp_path, untied_base, tokeni
         assert report["loss"][name]["perplexity"] == pytest.approx(math.exp(report["loss"][name]["loss"]))
 
     # The predictions are what generate() gives; base = the adapter switched off = the plain base model.
-    target = runs.resolve(run)
-    tok = runs.load_tokenizer(target)
+    target = resolve(run)
+    tok = load_tokenizer(target.tokenizer_dir, padding_side="left")
     prompts = read_prompts(target.config.data.test)
-    stop = runs.stop_token_ids(target, tok)
-    adapter = generate(runs.load_model(target), tok, prompts, stop, Sampling(max_new_tokens=6))
-    base_model = runs.load_model(target, with_adapter=False)
+    stop = stop_token_ids(target, tok)
+    adapter = generate(load_model(target), tok, prompts, stop, Sampling(max_new_tokens=6))
+    base_model = load_model(target, with_adapter=False)
     base = generate(base_model, tok, prompts, stop, Sampling(max_new_tokens=6))
     assert [p["adapter"] for p in preds] == [a.text for a in adapter]
     assert [p["base"] for p in preds] == [b.text for b in base]

@@ -53,7 +53,7 @@ def _logits(model_dir: Path, ids, gguf_name: str | None = None):
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory, tokenizer):
     """A tiny tied-embedding llama exported as f16 and q8_0 beside its safetensors."""
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     d = _tiny(tmp_path_factory.mktemp("export") / "tied", tokenizer)
     write_gguf(d, d / "model-f16.gguf", "f16", progress=False)
@@ -62,7 +62,7 @@ def tied(tmp_path_factory, tokenizer):
 
 
 def test_f16_round_trip_matches_the_hf_model(tied, tokenizer):
-    from peft_pipeline.export import verify_gguf
+    from peft_pipeline.export.gguf import verify_gguf
 
     report = verify_gguf(tied, tied / "model-f16.gguf", prompts=[TEXT, *PROBES[1:]], max_new_tokens=8)
     assert report["max_abs_logit_diff"] <= F16_ATOL, report
@@ -121,7 +121,7 @@ def test_q8_0_is_quantized_smaller_and_close(tied, tokenizer):
 
 
 def test_untied_embeddings_write_an_output_tensor(tmp_path, tokenizer):
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     d = _tiny(tmp_path / "untied", tokenizer, tie_word_embeddings=False)
     write_gguf(d, d / "m.gguf", "f16", progress=False)
@@ -139,7 +139,7 @@ def test_llama_qk_biases_get_the_weight_permutation(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     d = _tiny(tmp_path / "bias", tokenizer, attention_bias=True)
     weights = load_file(d / "model.safetensors")
@@ -163,7 +163,7 @@ def test_qwen2_round_trip(tmp_path, tokenizer):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     torch.manual_seed(0)
     config = Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -193,7 +193,7 @@ def test_split_regex_pre_tokenizer_is_labelled_and_reads_back(tied, tmp_path, to
     from transformers import AutoTokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     d = tmp_path / "qwen-style"
     shutil.copytree(tied, d, ignore=shutil.ignore_patterns("*.gguf"))
@@ -216,7 +216,7 @@ def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, tokenizer):
     """Llama 3.1+ rope scaling goes in as llama.cpp's rope_freqs: 1 for high frequencies, `factor` for low."""
     from gguf import GGUFReader
 
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
@@ -232,7 +232,7 @@ def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, tokenizer):
 def test_unsupported_architecture_is_a_one_line_user_error(tmp_path, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(d)
@@ -245,7 +245,7 @@ def test_unsupported_architecture_is_a_one_line_user_error(tmp_path, tokenizer):
 
 
 def test_unknown_quant_is_a_usage_error(tied, tmp_path):
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     with pytest.raises(UserError) as err:
         write_gguf(tied, tmp_path / "x.gguf", quant="q4_k")
@@ -255,7 +255,7 @@ def test_unknown_quant_is_a_usage_error(tied, tmp_path):
 def test_failed_write_keeps_the_previous_file_and_no_temp(tied, tmp_path, monkeypatch):
     import gguf
 
-    from peft_pipeline.export import write_gguf
+    from peft_pipeline.export.gguf import write_gguf
 
     out = tmp_path / "m.gguf"
     out.write_bytes(b"previous export")
@@ -278,7 +278,7 @@ def test_failed_write_keeps_the_previous_file_and_no_temp(tied, tmp_path, monkey
 @pytest.mark.slow
 def test_embedded_base_f16_round_trip(base_dir, tmp_path):
     """SmolLM2-135M-Instruct: the f16 file reads back with the same greedy continuation and tokenizer."""
-    from peft_pipeline.export import verify_gguf, write_gguf
+    from peft_pipeline.export.gguf import verify_gguf, write_gguf
 
     out = write_gguf(base_dir, tmp_path / "smollm2-f16.gguf", "f16", progress=False)
     report = verify_gguf(base_dir, out, max_new_tokens=16)

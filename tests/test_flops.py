@@ -3,14 +3,7 @@
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
-from peft_pipeline.flops import (
-    H100_SXM_BF16_PEAK,
-    count_lora_params,
-    count_matmul_params,
-    lora_flops_per_token,
-    mfu,
-    nemo_flops_per_token,
-)
+from peft_pipeline.tools.flops import H100_SXM_BF16_PEAK, count_lora_params, count_matmul_params, lora_flops_per_token, mfu, nemo_flops_per_token
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -17,7 +17,8 @@ import conftest
 from conftest import REPO, make_tiny_llama, write_jsonl
 from peft_pipeline.cli import main
 from peft_pipeline.errors import UserError
-from peft_pipeline.generate import Prompt, Sampling, _generate_batch, decode, encode, generate, read_prompts
+from peft_pipeline.evaluate.generate import Prompt, Sampling, _generate_batch, decode, encode, generate, read_prompts
+from peft_pipeline.evaluate import generate as gen
 
 ROWS = [
     {"instruction": "Extract the order as JSON.", "input": f"{n} {item} for {who}, deliver to {city}.",
@@ -73,7 +74,8 @@ def chat_prompts() -> list[Prompt]:
 
 def test_prompt_tokens_are_the_training_prefix_up_to_the_first_loss_token(tokenizer, tmp_path):
     """What eval feeds the model is exactly what training saw before the answer (template, system prompt)."""
-    from peft_pipeline.data import Row, normalize, render, tokenize
+    from peft_pipeline.data.formats import Row, normalize
+    from peft_pipeline.data.template import render, tokenize
 
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     for prompt, row in zip(read_prompts(path), ROWS):
@@ -235,18 +237,18 @@ def test_chat_over_piped_stdin(tmp_path, untied_base, tokenizer):
 
 
 def test_chat_keeps_history_resets_and_exits_on_eof(tmp_path, untied_base, tokenizer, monkeypatch):
-    from peft_pipeline import generate as gen
+    from peft_pipeline.evaluate.generate import Completion, chat
 
     run = make_run(tmp_path, untied_base, tokenizer)
     seen: list[list[dict]] = []
 
     def fake_generate(model, tok, prompts, stop_ids, sampling, streamer=None, **_):
         seen.append([dict(m) for m in prompts[0].messages])
-        return [gen.Completion(text=f"answer {len(seen)}", stopped=True, new_tokens=2, token_ids=[1, 2])]
+        return [Completion(text=f"answer {len(seen)}", stopped=True, new_tokens=2, token_ids=[1, 2])]
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     out = io.StringIO()
-    code = gen.chat(str(run), Sampling(), system="Be brief.", stdin=io.StringIO("one\ntwo\n/reset\nthree\n"), stdout=out)
+    code = chat(str(run), Sampling(), system="Be brief.", stdin=io.StringIO("one\ntwo\n/reset\nthree\n"), stdout=out)
     assert code == 0  # EOF after "three" ends the session cleanly
     assert out.getvalue().splitlines() == ["answer 1", "answer 2", "[history cleared]", "answer 3"]
     system = {"role": "system", "content": "Be brief."}
@@ -261,10 +263,10 @@ def test_chat_keeps_history_resets_and_exits_on_eof(tmp_path, untied_base, token
 @pytest.mark.slow
 def test_short_fine_tune_ends_answers_at_im_end(tmp_path, monkeypatch):
     """The classic bug: EOS masked out of the loss (or never appended), so the model never stops."""
-    from peft_pipeline import runs
+    from peft_pipeline.rundir import resolve
     from peft_pipeline.config import load_config
-    from peft_pipeline.generate import open_session
-    from peft_pipeline.train import train
+    from peft_pipeline.evaluate.generate import open_session
+    from peft_pipeline.tasks import train
 
     monkeypatch.chdir(REPO)  # the quickstart config's data paths are relative to the checkout
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
@@ -281,4 +283,4 @@ def test_short_fine_tune_ends_answers_at_im_end(tmp_path, monkeypatch):
     for a in answers:
         assert a.stopped and a.new_tokens < 96, a.text
         assert a.text and "<|im_end|>" not in a.text and "<|im_start|>" not in a.text
-    assert runs.resolve(run).kind == "run"
+    assert resolve(run).kind == "run"

@@ -8,7 +8,7 @@ import yaml
 
 from peft_pipeline.cli import main
 from peft_pipeline.config import config_from_dict
-from peft_pipeline.inspect_data import SHADES, collect, mark_ansi, mark_plain, template_checks, text_histogram
+from peft_pipeline.data.inspect import SHADES, collect, mark_ansi, mark_plain, template_checks, text_histogram
 
 from conftest import write_jsonl
 

@@ -39,7 +39,7 @@ def reference_logits(base: Path, adapter: Path, ids: torch.Tensor) -> torch.Tens
 def test_merge_matches_base_plus_adapter_and_loads_without_peft(tmp_path, tiny_base, tokenizer, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from peft_pipeline import runs
+    from peft_pipeline.rundir import resolve
 
     run = make_run(tmp_path, tiny_base, tokenizer)
     assert main(["merge", str(run)]) == 0
@@ -60,7 +60,7 @@ def test_merge_matches_base_plus_adapter_and_loads_without_peft(tmp_path, tiny_b
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end in GenerationConfig.from_pretrained(merged).eos_token_id
     assert AutoTokenizer.from_pretrained(merged).chat_template == tokenizer.chat_template
-    assert runs.resolve(merged).kind == "merged"
+    assert resolve(merged).kind == "merged"
 
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     assert not any("lora" in n for n, _ in model.named_parameters())
@@ -214,7 +214,7 @@ def test_merge_help_does_not_import_torch():
 @pytest.mark.slow
 def test_merge_of_a_short_real_run_passes_parity(tmp_path):
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     cfg = config_from_dict({

@@ -4,20 +4,7 @@ import json
 
 import pytest
 
-from peft_pipeline.metrics import (
-    OTHER,
-    detect_kind,
-    exact_match,
-    format_confusion_matrix,
-    json_metrics,
-    label_metrics,
-    normalize,
-    normalized_match,
-    parse_json,
-    rouge_l,
-    rouge_l_f1,
-    score,
-)
+from peft_pipeline.evaluate.metrics import OTHER, detect_kind, exact_match, format_confusion_matrix, json_metrics, label_metrics, normalize, normalized_match, parse_json, rouge_l, rouge_l_f1, score
 
 
 # --- match -------------------------------------------------------------------------------------

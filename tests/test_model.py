@@ -7,15 +7,8 @@ import torch
 
 from peft_pipeline.config import LoraSection, ModelSection, QuantizationSection
 from peft_pipeline.errors import UserError
-from peft_pipeline.model import (
-    attach_adapter,
-    linear_module_names,
-    load_base,
-    lora_problems,
-    meta_model,
-    parameter_counts,
-    resolve_model_path,
-)
+from peft_pipeline.model.adapter import attach_adapter, linear_module_names, lora_problems
+from peft_pipeline.model.load import load_base, meta_model, parameter_counts, resolve_model_path
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

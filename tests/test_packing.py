@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from peft_pipeline.config import TRAINING_DEFAULTS, config_from_dict
-from peft_pipeline.train import make_sft_config, needs_gradient_checkpointing, train
+from peft_pipeline.tasks import train
+from peft_pipeline.train.preflight import needs_gradient_checkpointing
+from peft_pipeline.train.sft import make_sft_config
 
 from conftest import write_jsonl
 
@@ -46,7 +48,7 @@ def collate(examples, tokenizer, padding_free: bool):
 def load(path, attn: str):
     from transformers import AutoModelForCausalLM
 
-    from peft_pipeline.model import register_sdpa_varlen
+    from peft_pipeline.model.attention import register_sdpa_varlen
 
     register_sdpa_varlen()  # what model.resolve_attention does before a load that uses it
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).eval()
@@ -110,7 +112,7 @@ def test_sdpa_varlen_gradients_equal_each_document_alone(tiny_base, tokenizer, e
 
 
 def test_document_starts():
-    from peft_pipeline.model import document_starts
+    from peft_pipeline.model.attention import document_starts
 
     q = torch.zeros(1, 2, 7, 4)
     assert document_starts(torch.tensor([[0, 1, 2, 0, 1, 0, 1]]), q, q) == [0, 3, 5]
@@ -174,7 +176,7 @@ def test_defaults_are_padding_free_and_switch_off(tmp_path, tiny_base):
     assert args.padding_free and args.max_length is None
     assert args.include_num_input_tokens_seen == "all"
     from peft_pipeline.config import ModelSection
-    from peft_pipeline.model import resolve_attention
+    from peft_pipeline.model.load import resolve_attention
 
     assert resolve_attention(ModelSection()) == "sdpa_varlen"  # CPU (no flash-attn): SDPA split by document
     assert resolve_attention(ModelSection(attn_implementation="sdpa")) == "sdpa"
@@ -193,9 +195,10 @@ def test_gradient_checkpointing_estimate(monkeypatch, tiny_base):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base)  # 2 layers, hidden 64, intermediate 128, fp32
     per_token = 2 * (16 * 64 + 6 * 128) * 4  # bytes of activations, layers x values x fp32
+    logits = model.config.vocab_size * (4 + 8)  # fp32 logits and their fp32 loss copy, per token
     weights = sum(p.numel() * 4 for p in model.parameters())
     args = {"per_device_train_batch_size": 8, "max_length": 1024}
-    need = weights + 8 * 1024 * per_token
+    need = weights + 8 * 1024 * (per_token + logits)  # preflight.activation_bytes, no checkpointing
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for total, expected in ((int(need / 0.9) + 1, False), (int(need / 0.9) - 1, True)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, t=total: SimpleNamespace(total_memory=t))

@@ -192,8 +192,8 @@ def test_sigkill_mid_training_then_resume_matches_the_uninterrupted_run(work, ti
 @pytest.mark.slow
 def test_kills_inside_a_checkpoint_save_and_the_adapter_save_leave_nothing_half_written(work, tiny_base, uninterrupted):
     from peft_pipeline.errors import UserError
-    from peft_pipeline.runs import resolve
-    from peft_pipeline.train import resolve_resume
+    from peft_pipeline.rundir import resolve
+    from peft_pipeline.rundir import resolve_resume
 
     cfg = write_cfg(work, run_config(work, tiny_base, "torn"), "torn.yaml")
     run = work / "torn"
@@ -261,7 +261,7 @@ def test_low_disk_stops_before_a_checkpoint_with_one_line_naming_the_run(tmp_pat
 
 def test_save_total_limit_keeps_only_the_newest_checkpoints(tmp_path, tiny_base):
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     run = train(config_from_dict(run_config(tmp_path, tiny_base, max_steps=5, save_steps=1, save_total_limit=2)),
                 progress=False)
@@ -332,7 +332,7 @@ def test_a_huge_line_is_dropped_as_overlong_without_tokenizing_it(tmp_path, toke
     import resource
 
     from peft_pipeline.config import DataSection, DataSource
-    from peft_pipeline.data import build_datasets
+    from peft_pipeline.data.build import build_datasets
 
     data = write_jsonl(tmp_path / "d.jsonl", ROWS + [{"instruction": "x", "output": "word " * 10_000_000}])
     started = time.time()
@@ -369,8 +369,9 @@ def test_trust_remote_code_is_off_in_every_load(tmp_path, tiny_base, monkeypatch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.runs import load_model, resolve
-    from peft_pipeline.train import train
+    from peft_pipeline.model.load import load_model
+    from peft_pipeline.rundir import resolve
+    from peft_pipeline.tasks import train
 
     calls = []
 
@@ -418,9 +419,11 @@ def test_pickle_weights_are_refused_unless_allow_pickle(tmp_path, tokenizer, cap
 def test_yaml_is_read_with_safe_loaders_only(tmp_path):
     import inspect
 
-    from peft_pipeline import config, runs
+    from peft_pipeline import config
 
-    for module in (config, runs):
+    from peft_pipeline import rundir
+
+    for module in (config, rundir):
         src = inspect.getsource(module)
         assert not re.search(r"yaml\.(unsafe_load|full_load)\(|yaml\.(Unsafe|Full)?Loader\b", src), module.__name__
         for name in re.findall(r"yaml\.load\([^)]*Loader=([\w.]+)", src):
@@ -438,7 +441,7 @@ def test_yaml_is_read_with_safe_loaders_only(tmp_path):
 @pytest.mark.slow
 def test_same_config_and_seed_give_the_same_adapter_and_the_run_records_its_provenance(work, tiny_base, uninterrupted):
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     # a second run in another process (this one), on one thread like the reference
     again = train(config_from_dict(run_config(work, tiny_base, "again")), progress=False)

@@ -96,7 +96,7 @@ def test_env_lists_the_stack_and_devices():
 
 def test_training_writes_preflight_peak_memory_and_the_report(tmp_path, tiny_base):
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     rows = [{"instruction": f"Repeat {w}.", "output": w} for w in ["apple", "river", "stone", "cloud"]]
     cfg = config_from_dict({
@@ -121,7 +121,7 @@ def test_tensorboard_is_the_default_logger_only_when_installed(tmp_path, monkeyp
 
     import torch
 
-    from peft_pipeline import train as train_stage
+    from peft_pipeline.train.sft import make_sft_config
     from peft_pipeline.config import config_from_dict
 
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
@@ -131,11 +131,11 @@ def test_tensorboard_is_the_default_logger_only_when_installed(tmp_path, monkeyp
     for installed in (False, True):
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda name, *a: (installed or None) and real("json") if name == "tensorboard" else real(name, *a))
-        args = train_stage.make_sft_config(cfg, torch.float32)
+        args = make_sft_config(cfg, torch.float32)
         assert args.report_to == (["tensorboard"] if installed else [])
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "run" / "tensorboard")
     mine = config_from_dict({"data": {"train": str(data)}, "training": {"report_to": "none"}})
-    assert train_stage.make_sft_config(mine, torch.float32).report_to == []  # the user's choice stands
+    assert make_sft_config(mine, torch.float32).report_to == []  # the user's choice stands
 
 
 def test_refresh_after_eval_finds_the_run_dir_behind_an_adapter_dir(tmp_path, capsys):

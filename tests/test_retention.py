@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from peft_pipeline import retention
+from peft_pipeline.evaluate.retention import BUNDLED, MAX_NEW_TOKENS, check, load
 from peft_pipeline.errors import UserError
-from peft_pipeline.retention import Item, compare, is_correct, summary_line
+from peft_pipeline.evaluate.retention import Item, compare, is_correct, summary_line
 
 from conftest import make_run, make_tiny_llama, write_jsonl
 
@@ -37,9 +37,9 @@ def test_compare_sorts_prompts_into_retained_lost_gained():
 
 
 def test_bundled_set_loads_and_holds_the_base_answers():
-    items = retention.load(retention.BUNDLED)
+    items = load(BUNDLED)
     assert 30 <= len(items) <= 60
-    rows = [json.loads(line) for line in retention.BUNDLED.read_text().splitlines()]
+    rows = [json.loads(line) for line in BUNDLED.read_text().splitlines()]
     # every kept prompt was answered right by the embedded base (recorded by data/make_retention.py)
     assert all(is_correct(r["base_answer"], r["expected"]) for r in rows)
 
@@ -48,10 +48,10 @@ def test_bad_retention_files_name_the_line(tmp_path):
     bad = tmp_path / "r.jsonl"
     bad.write_text('{"prompt": "a?", "expected": "x"}\n{"prompt": "b?"}\n')
     with pytest.raises(UserError, match=r"r.jsonl:2: 'expected' must be"):
-        retention.load(bad)
+        load(bad)
     bad.write_text('{"prompt": "a?", "expected": "x"\n')
     with pytest.raises(UserError, match=r"r.jsonl:1: malformed JSON"):
-        retention.load(bad)
+        load(bad)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +64,11 @@ def base_answers(model_dir, tokenizer, prompts) -> list[str]:
     """What the tiny base says to each prompt, greedy, as the check asks it."""
     from transformers import AutoModelForCausalLM
 
-    from peft_pipeline.generate import Prompt, Sampling, generate
+    from peft_pipeline.evaluate.generate import Prompt, Sampling, generate
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     got = generate(model, tokenizer, [Prompt(messages=[{"role": "user", "content": p}]) for p in prompts],
-                   [tokenizer.eos_token_id], Sampling(max_new_tokens=retention.MAX_NEW_TOKENS))
+                   [tokenizer.eos_token_id], Sampling(max_new_tokens=MAX_NEW_TOKENS))
     return [a.text for a in got]
 
 
@@ -81,13 +81,15 @@ def own_answers_file(path, model_dir, tokenizer):
 
 
 def test_random_adapter_loses_what_the_base_answered(tmp_path, base, tokenizer):
-    from peft_pipeline import runs
+    from peft_pipeline.data.template import stop_token_ids
+    from peft_pipeline.model.load import load_model
+    from peft_pipeline.rundir import resolve
 
     file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
     run = make_run(tmp_path, base, tokenizer, ROWS)  # LoRA B random: the adapter changes the outputs
-    target = runs.resolve(run)
-    model = runs.load_model(target)
-    result = retention.check(model, tokenizer, retention.load(file), runs.stop_token_ids(target, tokenizer))
+    target = resolve(run)
+    model = load_model(target)
+    result = check(model, tokenizer, load(file), stop_token_ids(target, tokenizer))
     assert result["base"] == n  # adapter off: the base's own answers
     assert result["adapter"] < n and result["lost"]
     assert len(result["retained"]) + len(result["lost"]) == n and result["gained"] == []
@@ -95,7 +97,7 @@ def test_random_adapter_loses_what_the_base_answered(tmp_path, base, tokenizer):
 
 def test_training_writes_the_retention_section(tmp_path, base, tokenizer, capsys):
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import train
+    from peft_pipeline.tasks import train
 
     file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
     cfg = config_from_dict({

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peft_pipeline import sweep as sweep_mod
+from peft_pipeline.tools.sweep import SweepConfig, _fingerprint, check_trials, load_sweep, make_sampler, open_study, suggest, sweep
 from peft_pipeline.cli import main
 from peft_pipeline.config import ConfigError, load_config
 
 from conftest import REPO, write_jsonl
+from peft_pipeline import tasks as train_mod
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "output": w} for w in
         ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "piano"]]
@@ -63,7 +64,7 @@ def test_sweep_file_problems_are_reported_at_once_with_lines(tmp_path, capsys):
                     "  training.warmup_ratio: {low: 0.0, high: 0.1, log: true, stepp: 0.1}\n"
                     "pruning: {enabeld: true}\n")
     with pytest.raises(ConfigError) as e:
-        sweep_mod.load_sweep(path)
+        load_sweep(path)
     text = str(e.value)
     assert "method (line 1): Input should be 'grid', 'random' or 'tpe'" in text
     assert "params.training.warmup_ratio.stepp (line 6): unknown key (did you mean step?)" in text
@@ -71,7 +72,7 @@ def test_sweep_file_problems_are_reported_at_once_with_lines(tmp_path, capsys):
     # the pydantic errors stop before the semantic ones; fix them and the rest appear, all together
     path.write_text(path.read_text().replace("bayes", "random").replace("stepp", "step").replace("enabeld", "enabled"))
     with pytest.raises(ConfigError) as e:
-        sweep_mod.load_sweep(path)
+        load_sweep(path)
     problems = e.value.problems
     assert "params.training.learning_rate (line 4): low (0.01) is above high (0.0001)" in problems
     assert "params.lora.r (line 5): give either values: [...] or a range (low, high, step, log), not both" in problems
@@ -89,7 +90,7 @@ def test_grid_needs_values_or_step_and_pruning_needs_an_eval_metric(tmp_path):
     path = write_sweep(tmp_path, metric="train_loss", pruning={"enabled": True},
                        params={"training.learning_rate": {"low": 1e-4, "high": 1e-2}})
     with pytest.raises(ConfigError) as e:
-        sweep_mod.load_sweep(path)
+        load_sweep(path)
     assert any("grid search needs values: [...] or a step for a range" in p for p in e.value.problems)
     assert any(p.startswith("pruning.enabled") and "train_loss is known only at the end" in p for p in e.value.problems)
 
@@ -101,9 +102,9 @@ def test_params_are_checked_against_the_run_config_before_any_trial(tmp_path, ti
                                          "lora.dropout": {"low": 0.0, "high": 1.5},
                                          "lora.target_modules": {"values": [["q_proj"], ["q_projj"]]}},
                        method="random", trials=2)
-    monkeypatch.setattr("peft_pipeline.train.train", lambda *a, **k: pytest.fail("a trial started"))
+    monkeypatch.setattr("peft_pipeline.tasks.train", lambda *a, **k: pytest.fail("a trial started"))
     with pytest.raises(ConfigError) as e:
-        sweep_mod.sweep(str(config), str(path))
+        sweep(str(config), str(path))
     text = str(e.value)
     assert "params.training.learning_rat (line" in text and "not a trl.SFTConfig field (did you mean learning_rate?)" in text
     assert "lora.rr: unknown key (did you mean r?)" in text
@@ -119,24 +120,24 @@ def test_a_sweep_needs_eval_data(tmp_path, tiny_base):
     data["data"]["eval"] = []
     config.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="a sweep scores every trial on eval data"):
-        sweep_mod.sweep(str(config), str(write_sweep(tmp_path)))
+        sweep(str(config), str(write_sweep(tmp_path)))
 
 
 def test_random_and_tpe_sample_within_bounds():
     import optuna
 
     for method in ("random", "tpe"):
-        spec = sweep_mod.SweepConfig.model_validate({
+        spec = SweepConfig.model_validate({
             "method": method, "trials": 12, "params": {
                 "training.learning_rate": {"low": 1e-5, "high": 1e-2, "log": True},
                 "lora.r": {"low": 4, "high": 32, "step": 4},
                 "lora.dropout": {"low": 0.0, "high": 0.2},
                 "lora.target_modules": {"values": ["all-linear", ["q_proj", "v_proj"]]}}})
-        study = optuna.create_study(sampler=sweep_mod.make_sampler(spec), direction=spec.goal)
+        study = optuna.create_study(sampler=make_sampler(spec), direction=spec.goal)
         seen = []
         for _ in range(12):
             trial = study.ask()
-            v = sweep_mod.suggest(trial, spec)
+            v = suggest(trial, spec)
             study.tell(trial, -math.log10(v["training.learning_rate"]))  # TPE gets something to model
             seen.append(v)
         for v in seen:
@@ -186,8 +187,8 @@ def test_grid_runs_each_point_once_writes_results_and_resumes(tmp_path, tiny_bas
     assert (sweep_dir / "best.yaml").read_text().startswith(f"# Best trial of sweep sweep: trial {best.number}")
 
     # re-running continues the study: nothing is trained again
-    monkeypatch.setattr("peft_pipeline.train.train", lambda *a, **k: pytest.fail("a finished trial ran again"))
-    assert sweep_mod.sweep(str(config), str(path), progress=False) == sweep_dir
+    monkeypatch.setattr("peft_pipeline.tasks.train", lambda *a, **k: pytest.fail("a finished trial ran again"))
+    assert sweep(str(config), str(path), progress=False) == sweep_dir
     assert len(study_trials(sweep_dir)) == 2
     assert "2 already done" in capsys.readouterr().out
 
@@ -196,28 +197,28 @@ def test_grid_runs_each_point_once_writes_results_and_resumes(tmp_path, tiny_bas
     from peft_pipeline.errors import UserError
 
     with pytest.raises(UserError, match="holds study 'sweep' of a different sweep"):
-        sweep_mod.sweep(str(config), str(changed))
+        sweep(str(config), str(changed))
 
 
 def test_killed_and_interrupted_trials_are_retried_in_their_own_run_dir(tmp_path, tiny_base, monkeypatch):
     import optuna
 
-    from peft_pipeline import train as train_mod
+    from peft_pipeline.tasks import train
 
     config = write_config(tmp_path, tiny_base)
     path = write_sweep(tmp_path, params={"training.learning_rate": {"values": [1e-5, 3e-2, 1e-2]}})
-    spec, _ = sweep_mod.load_sweep(path)
+    spec, _ = load_sweep(path)
     sweep_dir = tmp_path / "sweep"
-    fingerprint = sweep_mod._fingerprint(str(config), spec, [])
+    fingerprint = _fingerprint(str(config), spec, [])
     # A process killed with SIGKILL leaves its trial RUNNING: simulate one that had just started.
-    study = sweep_mod.open_study(spec, sweep_dir, fingerprint)
+    study = open_study(spec, sweep_dir, fingerprint)
     killed = study.ask()
-    killed_value = sweep_mod.suggest(killed, spec)["training.learning_rate"]
+    killed_value = suggest(killed, spec)["training.learning_rate"]
     killed.set_user_attr("run_dir", str(sweep_dir / "trial-000"))
 
     # The next trial's process dies right after its run finished, before the study heard of it (Ctrl-C here):
     # the sweep stops, the trial is left failed without an error of its own.
-    real_train = train_mod.train
+    real_train = train
     calls = []
 
     def dies_after_second_run(cfg, **kwargs):
@@ -229,7 +230,7 @@ def test_killed_and_interrupted_trials_are_retried_in_their_own_run_dir(tmp_path
 
     monkeypatch.setattr(train_mod, "train", dies_after_second_run)
     with pytest.raises(KeyboardInterrupt):
-        sweep_mod.sweep(str(config), str(path), progress=False)
+        sweep(str(config), str(path), progress=False)
     trials = study_trials(sweep_dir)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "FAIL"]
     assert calls == [str(sweep_dir / "trial-000"), str(sweep_dir / "trial-002")]  # trial 1 retried 0 in trial-000
@@ -237,7 +238,7 @@ def test_killed_and_interrupted_trials_are_retried_in_their_own_run_dir(tmp_path
 
     calls.clear()
     monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: calls.append(cfg.output_dir) or real_train(cfg, **kw))
-    sweep_mod.sweep(str(config), str(path), progress=False)
+    sweep(str(config), str(path), progress=False)
     trials = study_trials(sweep_dir)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.params["training.learning_rate"] for t in done) == [1e-5, 1e-2, 3e-2]  # every grid point, once
@@ -258,7 +259,7 @@ def test_pruning_stops_a_poor_trial_early(tmp_path, tiny_base):
     config = write_config(tmp_path, tiny_base, max_steps=8, eval_strategy="steps", eval_steps=2)
     path = write_sweep(tmp_path, params={"training.learning_rate": {"values": [1e-2]}},
                        pruning={"enabled": True, "pruner": "threshold", "threshold": 0.0})
-    sweep_dir = sweep_mod.sweep(str(config), str(path), progress=False)
+    sweep_dir = sweep(str(config), str(path), progress=False)
     (trial,) = study_trials(sweep_dir)
     assert trial.state.name == "PRUNED" and trial.user_attrs["pruned_at"] == 2
     assert list(trial.intermediate_values) == [2]
@@ -273,7 +274,7 @@ def test_a_trial_that_fails_is_counted_and_the_sweep_goes_on(tmp_path, tiny_base
     # A learning rate so high the loss turns non-finite: the Guard stops that run with a user error.
     config = write_config(tmp_path, tiny_base)
     path = write_sweep(tmp_path, params={"training.learning_rate": {"values": [1e30, 1e-2]}})
-    sweep_dir = sweep_mod.sweep(str(config), str(path), progress=False)
+    sweep_dir = sweep(str(config), str(path), progress=False)
     trials = {t.params["training.learning_rate"]: t for t in study_trials(sweep_dir)}
     assert len(trials) == 2
     assert trials[1e30].state.name == "FAIL" and "training stopped" in trials[1e30].user_attrs["error"]
@@ -285,7 +286,7 @@ def test_a_trial_that_fails_is_counted_and_the_sweep_goes_on(tmp_path, tiny_base
 def test_parallel_workers_share_one_study(tmp_path, tiny_base, capsys):
     config = write_config(tmp_path, tiny_base)
     path = write_sweep(tmp_path)
-    sweep_dir = sweep_mod.sweep(str(config), str(path), parallel=2, progress=False)
+    sweep_dir = sweep(str(config), str(path), parallel=2, progress=False)
     out = capsys.readouterr().out
     assert "--parallel 2 on CPU" in out
     trials = study_trials(sweep_dir)
@@ -305,8 +306,8 @@ def test_sweep_files_in_configs_are_valid(path, monkeypatch, base_dir):
     run_line = next(line for line in head if line.startswith("# Run:"))
     config, sweep_file = run_line.split("peft-pipeline sweep ")[1].split()[:2]
     assert sweep_file == str(path.relative_to(REPO))
-    spec, lines = sweep_mod.load_sweep(path)
-    sweep_mod.check_trials(config, spec, [], lines, sweep_file)  # raises ConfigError on any problem
+    spec, lines = load_sweep(path)
+    check_trials(config, spec, [], lines, sweep_file)  # raises ConfigError on any problem
 
 
 def test_help_does_not_import_optuna_or_torch():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from peft_pipeline.config import config_from_dict
 from peft_pipeline.errors import UserError
-from peft_pipeline.train import train
+from peft_pipeline.tasks import train
 
 from conftest import write_jsonl
 

@@ -67,17 +67,19 @@ def inspect(cfg: RunConfig, n: int = 3, plain: bool = False, png: str | None = N
 
 def collect(cfg: RunConfig, n: int, progress: bool = False):
     """Build the datasets as `train` does and check them; return (Inspection, tokenizer)."""
-    from peft_pipeline import data as data_stage
-    from peft_pipeline import model as model_stage
+    from peft_pipeline.data.build import build_datasets
+    from peft_pipeline.data.template import end_of_turn, ensure_chat_template, stop_ids
+    from peft_pipeline.data.template import load_tokenizer
+    from peft_pipeline.paths import resolve_model_path
 
-    path = model_stage.resolve_model_path(cfg.model)
-    tokenizer = model_stage.load_tokenizer(cfg.model, path)
-    template = data_stage.ensure_chat_template(tokenizer, cfg.model.chat_template)
-    eot = data_stage.end_of_turn(tokenizer)
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    template = ensure_chat_template(tokenizer, cfg.model.chat_template)
+    eot = end_of_turn(tokenizer)
     warnings, notes = template_checks(tokenizer)
-    train_ds, _, report = data_stage.build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=progress)
+    train_ds, _, report = build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=progress)
     ids, labels = train_ds["input_ids"], train_ds["labels"]
-    stops = set(data_stage.stop_ids(tokenizer))
+    stops = set(stop_ids(tokenizer))
     warnings += mask_warnings(ids, labels, stops, cfg.data.train_on_prompt, eot, report, cfg.max_length)
     ins = Inspection(
         report=report, n_train_sources=len(cfg.data.train), template=template, end_of_turn=eot,

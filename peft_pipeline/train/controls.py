@@ -106,7 +106,7 @@ class Plan:
 
     def describe(self, k: int) -> dict[str, Any]:
         """Trainable count now, for printing and log.jsonl."""
-        from peft_pipeline.model import parameter_counts
+        from peft_pipeline.model.load import parameter_counts
 
         counts = parameter_counts(self.model)
         layers = sorted({layer_of(n) for n, p in self.params.items() if p.requires_grad and layer_of(n) is not None})
@@ -121,10 +121,10 @@ class Plan:
 
 def build_model(base, cfg, gradient_checkpointing: bool):
     """The model to train and its Plan (None when no freeze control is set)."""
-    from peft_pipeline import model as model_stage
+    from peft_pipeline.model.adapter import attach_adapter
 
     if cfg.freeze.method == "lora":
-        model = model_stage.attach_adapter(base, cfg.lora, cfg.quantization.mode != "none", gradient_checkpointing)
+        model = attach_adapter(base, cfg.lora, cfg.quantization.mode != "none", gradient_checkpointing)
     else:
         model = base
         if gradient_checkpointing:
@@ -192,7 +192,7 @@ def _emit(log: str | Path | None, state, record: dict, line: str) -> None:
         return
     print(f"[peft-pipeline] {line}", flush=True)
     if log:
-        from peft_pipeline.train import append_log
+        from peft_pipeline.rundir import append_log
 
         append_log(Path(log), state, record)
 

@@ -28,10 +28,9 @@ import string
 from typing import Any
 
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from peft_pipeline.config import AugmentSection, DataSection
-from peft_pipeline.data import alpaca_user_turn
+from peft_pipeline.data.formats import alpaca_user_turn
 
 
 def template_fields(template: str) -> set[str]:
@@ -164,7 +163,7 @@ class AugmentedDataset(Dataset):
 
     def variant(self, index: int, epoch: int | None = None) -> dict[str, list[int]]:
         """input_ids and labels of row `index` as trained in `epoch` (default: the current one)."""
-        from peft_pipeline.data import render, tokenize
+        from peft_pipeline.data.template import render, tokenize
 
         sh = self._shared
         epoch = sh.epoch if epoch is None else epoch
@@ -189,21 +188,3 @@ class AugmentedDataset(Dataset):
     def __getitems__(self, keys: list) -> list:
         # torch's DataLoader fetches a batch through here
         return [self.variant(int(k)) for k in keys]
-
-
-class EpochCallback(TrainerCallback):
-    """Tells the AugmentedDataset which epoch the trainer is in, and checks the DataLoader still reads it."""
-
-    def __init__(self, dataset: AugmentedDataset):
-        self.shared = dataset._shared
-
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        dataset = getattr(train_dataloader, "dataset", None)
-        if train_dataloader is not None and not isinstance(dataset, AugmentedDataset):
-            # Something (a TRL preparation step, a sampler wrapper) replaced the dataset: variations would be lost.
-            raise RuntimeError(f"data.augment: the trainer reads a {type(dataset).__name__}, not the AugmentedDataset; "
-                               "the variations would silently be lost")
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        # TrainerState.epoch is the number of epochs done (k.0 when epoch k starts; the checkpoint's value on resume).
-        self.shared.epoch = int(state.epoch or 0)

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from peft_pipeline.errors import UserError
+from peft_pipeline.report import summary_line
 
-BUNDLED = Path(__file__).resolve().parent / "resources" / "retention-general.jsonl"  # package data: in every install
+BUNDLED = Path(__file__).resolve().parents[1] / "resources" / "retention-general.jsonl"  # package data: in every install
 MAX_NEW_TOKENS = 32  # the expected answers are a word or two; 32 tokens leave room for a sentence around them
-SHOWN = 5  # lost/gained prompts named on the summary line
 
 
 @dataclass
@@ -82,7 +82,7 @@ def load(path: str | Path) -> list[Item]:
 
 def is_correct(answer: str, expected: list[str]) -> bool:
     """True when one expected string occurs in the answer as a whole word/phrase (normalized)."""
-    from peft_pipeline.metrics import normalize
+    from peft_pipeline.evaluate.metrics import normalize
 
     text = " ".join(answer.casefold().split())
     for e in expected:
@@ -110,23 +110,11 @@ def compare(items: list[Item], base_answers: list[str], adapter_answers: list[st
     }
 
 
-def summary_line(result: dict[str, Any]) -> str:
-    """'retention: 30/32 kept (base 32/32, adapter 30/32), lost: ...' for terminals and logs."""
-    kept, base = len(result["retained"]), result["base"]
-    line = f"retention: {kept}/{base} kept (base {base}/{result['n']}, adapter {result['adapter']}/{result['n']})"
-    for key in ("lost", "gained"):
-        names = result[key]
-        if names:
-            shown = "; ".join(repr(p) for p in names[:SHOWN]) + (f"; ... ({len(names) - SHOWN} more)" if len(names) > SHOWN else "")
-            line += f", {key}: {shown}"
-    return line
-
-
 def check(model, tokenizer, items: list[Item], stop_ids: list[int], system_prompt: str | None = None,
           batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
     """Ask every prompt with the adapter off (base) and on; the comparison report (needs a PEFT model)."""
-    from peft_pipeline.evaluate import adapter_off
-    from peft_pipeline.generate import Prompt, Sampling, generate
+    from peft_pipeline.evaluate.generate import adapter_off
+    from peft_pipeline.evaluate.generate import Prompt, Sampling, generate
 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompts = [Prompt(messages=system + [{"role": "user", "content": it.prompt}], where=it.where) for it in items]
@@ -155,7 +143,7 @@ def after_training(cfg, trainer, tokenizer) -> dict[str, Any] | None:
         print(f"[peft-pipeline] retention: skipped under sharded training; run `peft-pipeline eval "
               f"{cfg.output_dir} --retention`", flush=True)
         return None
-    from peft_pipeline.data import stop_ids
+    from peft_pipeline.data.template import stop_ids
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     result = {"file": str(path), **check(model, tokenizer, load(path), stop_ids(tokenizer), cfg.data.system_prompt,

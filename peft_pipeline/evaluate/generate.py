@@ -3,12 +3,13 @@
 Prompts are rendered exactly as in training (data.render): conversations through the run's chat
 template with the generation prompt appended, raw prompt/completion text as it is. Batches are
 LEFT padded, so every row's prompt ends at the same column and new tokens line up. Generation
-stops at the run's end-of-turn ids (runs.stop_token_ids), and every answer records whether it
+stops at the run's end-of-turn ids (stop_token_ids), and every answer records whether it
 got there (`stopped`) or ran into max_new_tokens: the "never stops" bug shows up as a number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def read_prompts(path: str | Path, system_prompt: str | None = None, need_expect
     With need_expected=False, rows may stop before the answer (generate's --prompts).
     """
     from peft_pipeline.config import DataSource
-    from peft_pipeline.data import detect_format, read_source
+    from peft_pipeline.data.formats import detect_format, read_source
 
     rows = read_source(DataSource(path=str(path)))
     if not rows:
@@ -119,7 +120,7 @@ def _with_placeholder(data: dict, fmt: str | None) -> tuple[dict, bool]:
 
 
 def _to_prompt(row, fmt: str, system_prompt: str | None, need_expected: bool) -> Prompt:
-    from peft_pipeline.data import Row, normalize
+    from peft_pipeline.data.formats import Row, normalize
 
     if need_expected and fmt in _ANSWER_FIELD and row.data.get(_ANSWER_FIELD[fmt]) is None:
         raise UserError(f"{row.where}: missing field '{_ANSWER_FIELD[fmt]}' (the expected answer)")
@@ -211,24 +212,26 @@ class Session:
 
 def open_session(path: str | Path, base: bool = False) -> Session:
     """Resolve a run/adapter/merged dir and load it for inference (without the adapter when `base`)."""
-    from peft_pipeline import runs
+    from peft_pipeline.data.template import load_tokenizer, stop_token_ids
+    from peft_pipeline.model.load import load_model
+    from peft_pipeline.rundir import resolve
 
-    target = runs.resolve(path)
+    target = resolve(path)
     if base and target.adapter_dir is None:
         raise UserError(f"{path}: --base: a merged model has no adapter to switch off; use the run directory", exit_code=2)
-    tokenizer = runs.load_tokenizer(target)
-    model = runs.load_model(target, with_adapter=not base, place_on_gpu=True)
+    tokenizer = load_tokenizer(target.tokenizer_dir, padding_side="left")
+    model = load_model(target, with_adapter=not base, place_on_gpu=True)
     system = target.config.data.system_prompt if target.config is not None else None
-    return Session(target, model, tokenizer, runs.stop_token_ids(target, tokenizer), system)
+    return Session(target, model, tokenizer, stop_token_ids(target, tokenizer), system)
 
 
 def generate_cli(path: str, prompt: str | None, prompts_file: str | None, sampling: Sampling, base: bool = False,
                  out: str | None = None, batch_size: int = 8, progress: bool = True) -> int:
     """`peft-pipeline generate`: print completions, and write JSONL records with --out."""
-    from peft_pipeline import runs
+    from peft_pipeline.rundir import resolve
 
     sampling.check()
-    target = runs.resolve(path)  # path errors before the model loads
+    target = resolve(path)  # path errors before the model loads
     system = target.config.data.system_prompt if target.config is not None else None
     if prompt is not None:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -309,3 +312,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def adapter_off(model, off: bool):
+    """The base model inside the block when `off` (same weights in memory, LoRA bypassed)."""
+    if not off:
+        yield
+        return
+    with model.disable_adapter():
+        yield

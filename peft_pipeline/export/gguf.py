@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from peft_pipeline.errors import UserError
+from peft_pipeline.evaluate.parity import chat_probe, default_prompts, greedy
+from peft_pipeline.paths import atomic_file
 
 # config.json model_type -> GGUF architecture. llama.cpp has no separate mistral graph: its converter
 # writes MistralForCausalLM as llama and ignores the sliding window, and so do we.
@@ -63,7 +64,7 @@ def write_gguf(
     _add_general(writer, name or model_dir.resolve().name, qtype)
     _add_hyperparameters(writer, config)
     _add_tokenizer(writer, model_dir, config)
-    with _SafetensorsSource(model_dir) as source, _atomic_file(out_file) as tmp:
+    with _SafetensorsSource(model_dir) as source, atomic_file(out_file) as tmp:
         tensors = _plan_tensors(source, config, arch, qtype)
         for t in tensors:
             # Element shapes with a float dtype: GGUFWriter would reinterpret a uint8 shape as bytes.
@@ -432,16 +433,6 @@ def _write_order(t: _Tensor) -> tuple:
     return (0 if t.name.startswith(("token_embd", "rope_freqs")) else 2, 0, t.name)
 
 
-@contextlib.contextmanager
-def _atomic_file(target: Path):
-    """Yield a temporary path beside `target`; move it over `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, target)  # same directory, so a rename: readers see the old file or the new, never half
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,14 +457,14 @@ def verify_gguf(
 
     model_dir, gguf_file = Path(model_dir), Path(gguf_file).resolve()
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
-    with _alone(gguf_file) as (gg_dir, gg_name):
+    with alone(gguf_file) as (gg_dir, gg_name):
         gg_tok = AutoTokenizer.from_pretrained(gg_dir, gguf_file=gg_name)
         gg = AutoModelForCausalLM.from_pretrained(gg_dir, gguf_file=gg_name, dtype=torch.float32).eval()
-    prompts = list(prompts) if prompts is not None else _default_prompts(hf_tok)
+    prompts = list(prompts) if prompts is not None else default_prompts(hf_tok)
     texts = [p for p in prompts if isinstance(p, str)]
     batches = [hf_tok(p)["input_ids"] if isinstance(p, str) else [int(i) for i in p] for p in prompts]
 
-    probes = list(texts) + list(_PROBE_TEXTS) + _chat_probe(hf_tok)
+    probes = list(texts) + list(_PROBE_TEXTS) + chat_probe(hf_tok)
     tokenizer_identical = all(hf_tok(t)["input_ids"] == gg_tok(t)["input_ids"] for t in probes)
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -485,7 +476,7 @@ def verify_gguf(
             max_diff = max(max_diff, (a - b).abs().max().item())
             agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
             positions += a.shape[0]
-            greedy_identical &= _greedy(hf, x, max_new_tokens) == _greedy(gg, x, max_new_tokens)
+            greedy_identical &= greedy(hf, x, max_new_tokens) == greedy(gg, x, max_new_tokens)
     return {
         "max_abs_logit_diff": max_diff,
         "top1_agreement": agree / max(positions, 1),
@@ -498,7 +489,7 @@ def verify_gguf(
 
 
 @contextlib.contextmanager
-def _alone(gguf_file: Path):
+def alone(gguf_file: Path):
     """(directory, name) holding only a link to `gguf_file`.
 
     Loading a GGUF from a directory that also holds tokenizer_config.json or chat_template.jinja
@@ -510,158 +501,3 @@ def _alone(gguf_file: Path):
     with tempfile.TemporaryDirectory(prefix="gguf-verify-") as tmp:
         (Path(tmp) / gguf_file.name).symlink_to(gguf_file)
         yield tmp, gguf_file.name
-
-
-def _default_prompts(tok) -> list[str]:
-    return ["The capital of France is", "def fibonacci(n):"] + _chat_probe(tok)
-
-
-def _chat_probe(tok) -> list[str]:
-    """A chat-templated prompt: the text a served model actually sees, special tokens included."""
-    if not tok.chat_template:
-        return []
-    messages = [{"role": "user", "content": "What is 2 + 2?"}]
-    return [tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
-
-
-def _greedy(model, ids, n: int) -> list[int]:
-    """n argmax tokens with a KV cache and no stopping rule, so both models are compared on all n."""
-    out, tokens = model(ids, use_cache=True), []
-    while len(tokens) < n:
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(nxt.item())
-        if len(tokens) < n:  # the last token needs no forward pass of its own
-            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
-# ---------------------------------------------------------------------------------------------------
-# The export stage: a run dir (or merged dir) in, RUN_DIR/export/ out
-
-
-def export(path: str | Path, fmt: str = "gguf", quant: str = "f16", out: str | Path | None = None,
-           push_to_hub: str | None = None, score: bool = True) -> Path:
-    """`peft-pipeline export`: GGUF from the merged model (verified), or the adapter with a model card."""
-    from peft_pipeline import runs
-
-    target = runs.resolve(path)
-    if fmt == "adapter":
-        return export_adapter(target, Path(out) if out else None, push_to_hub)
-    if fmt != "gguf":
-        raise UserError(f"--format: '{fmt}' is not supported; use gguf or adapter", exit_code=2)
-    from peft_pipeline.classify import refuse
-
-    refuse(target, "GGUF holds language models, not a classification head", "use --format adapter")
-    if target.kind == "merged":
-        model_dir = target.path
-    else:
-        model_dir = target.out_dir / "merged"
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"{target.path}: no merged model at {model_dir}; run `peft-pipeline merge {target.path}` first "
-                            "(GGUF is written from the verified merged model)")
-    name = (target.run_dir or target.path).resolve().name
-    out_file = Path(out) if out else target.out_dir / "export" / f"{name}-{quant}.gguf"
-    print(f"[peft-pipeline] export: writing {out_file} ({quant}) from {model_dir}", flush=True)
-    write_gguf(model_dir, out_file, quant=quant, name=name)
-    print("[peft-pipeline] export: loading it back with transformers to compare (about a minute)", flush=True)
-    report = {"format": "gguf", "quant": quant, "file": str(out_file), "bytes": out_file.stat().st_size,
-              "source": str(model_dir), "check": verify_gguf(model_dir, out_file)}
-    check = report["check"]
-    # f16 must be the same model; q8_0 is a lossy format whose difference is reported, not enforced.
-    ok = check["tokenizer_identical"] and check["chat_template_identical"] and (quant != "f16" or check["greedy_identical"])
-    if score and target.config is not None and target.config.data.test:
-        report["test_scores"] = score_gguf(target, out_file)
-    report["status"] = "ok" if ok else "failed"
-    from peft_pipeline.paths import write_json_atomic
-
-    write_json_atomic(target.out_dir / "export_report.json", report)
-    print(f"[peft-pipeline] export: max |logit diff| {check['max_abs_logit_diff']:.4g}, top-1 agreement "
-          f"{check['top1_agreement']:.1%}, greedy identical: {check['greedy_identical']}, "
-          f"tokenizer identical: {check['tokenizer_identical']}", flush=True)
-    if not ok:
-        out_file.unlink(missing_ok=True)
-        raise UserError(f"{out_file}: the GGUF does not reproduce the merged model (see {target.out_dir}/export_report.json); "
-                        "file removed")
-    print(f"[peft-pipeline] export: {out_file}", flush=True)
-    return out_file
-
-
-def score_gguf(target, gguf_file: Path, limit: int | None = None) -> dict:
-    """The GGUF (read back by transformers) scored on the run's test prompts, as `eval` scores the adapter."""
-    from peft_pipeline import runs
-    from peft_pipeline.generate import generate, read_prompts
-    from peft_pipeline.metrics import score
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg = target.config
-    prompts = read_prompts(cfg.data.test, cfg.data.system_prompt)[:limit]
-    tok = runs.load_tokenizer(target)  # the training tokenizer and template: what a server would apply
-    with _alone(Path(gguf_file).resolve()) as (d, n):
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=n, dtype=torch.float32).eval()
-    answers = generate(model, tok, prompts, runs.stop_token_ids(target, tok), batch_size=8)
-    return score([a.text for a in answers], [p.expected for p in prompts])
-
-
-def export_adapter(target, out: Path | None, push_to_hub: str | None) -> Path:
-    """The PEFT adapter dir plus a model card (README.md), optionally pushed to the hub."""
-    import shutil
-
-    from peft_pipeline.paths import atomic_dir
-
-    if target.adapter_dir is None:
-        raise UserError(f"{target.path}: a merged model has no adapter to export; use --format gguf")
-    out = out or target.out_dir / "export" / "adapter"
-    with atomic_dir(out) as tmp:
-        shutil.copytree(target.adapter_dir, tmp, dirs_exist_ok=True)
-        (tmp / "README.md").write_text(model_card(target))
-    print(f"[peft-pipeline] export: adapter with model card in {out}", flush=True)
-    if push_to_hub:
-        # Real hub path for users with credentials; never exercised offline.
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(repo_id=push_to_hub, folder_path=str(out))
-        print(f"[peft-pipeline] export: pushed to {push_to_hub}", flush=True)
-    return out
-
-
-def model_card(target) -> str:
-    """Markdown card: base, data, hyperparameters, eval results, how to load."""
-    import json
-
-    cfg = target.config
-    run = target.run_dir
-    metrics = _read_json(run / "metrics.json") if run else {}
-    evals = _read_json(run / "eval.json") if run else {}
-    base = cfg.model.name if cfg else "(unknown base)"
-    lines = ["---", "library_name: peft", f"base_model: {base}", "tags: [lora, peft-pipeline]", "---", "",
-             f"# LoRA adapter for {base}", "", "Trained with peft-pipeline.", "", "## Training", ""]
-    if cfg:
-        lora = cfg.lora
-        lines += [f"- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target_modules={lora.target_modules}"
-                  + (", DoRA" if lora.use_dora else "") + (", rsLoRA" if lora.use_rslora else ""),
-                  f"- Quantization during training: {cfg.quantization.mode}",
-                  f"- Data: {', '.join(s.path for s in cfg.data.train)} (loss on prompts: {cfg.data.train_on_prompt})",
-                  f"- Training arguments: `{json.dumps({k: v for k, v in cfg.sft_args.items() if k != 'output_dir'})}`"]
-    if metrics:
-        lines += [f"- Steps: {metrics.get('global_steps')}, final train loss {metrics.get('final_logged_loss')}, "
-                  f"eval loss {metrics.get('eval_loss')}, trainable parameters {metrics.get('trainable_params')}"]
-    if evals.get("metrics"):
-        lines += ["", "## Evaluation", "", "```json", json.dumps(evals["metrics"], indent=2)[:4000], "```"]
-    lines += ["", "## Use", "", "```python", "from peft import AutoPeftModelForCausalLM",
-              "from transformers import AutoTokenizer", "",
-              'model = AutoPeftModelForCausalLM.from_pretrained("PATH_OR_REPO")',
-              'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")', "```", ""]
-    return "\n".join(lines)
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError
 
 from peft_pipeline.config import (ConfigError, _Section, _where, apply_overrides, config_from_dict, load_yaml,
                                   set_dotted)
+from peft_pipeline.console import say as _say
 from peft_pipeline.errors import UserError
 
 # metrics.json values a trial can be scored on besides the evaluation's eval_* metrics
@@ -249,7 +250,7 @@ def check_trials(config: str | Path, spec: SweepConfig, overrides: list[str], li
     Each value (a range: its two ends) is checked alone, so a problem names the param that caused
     it; then every grid point (up to GRID_CHECK_LIMIT) for combinations that cannot work.
     """
-    from peft_pipeline.train import validate_against_model
+    from peft_pipeline.train.sft import validate_against_model
 
     base = base_data(config, spec, overrides)
     problems: list[str] = []
@@ -293,7 +294,7 @@ def check_trials(config: str | Path, spec: SweepConfig, overrides: list[str], li
 
 
 def _model_path(cfg) -> str:
-    from peft_pipeline.model import resolve_model_path
+    from peft_pipeline.paths import resolve_model_path
 
     return resolve_model_path(cfg.model)
 
@@ -459,7 +460,8 @@ def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, p
     """One trial: a real training run in its own run dir, scored on spec.metric."""
     import optuna
 
-    from peft_pipeline.train import run_status, train
+    from peft_pipeline.rundir import status as run_status
+    from peft_pipeline.tasks import train
 
     params = suggest(trial, spec)
     # A retried trial continues in its original run dir, from that run's last checkpoint.
@@ -467,6 +469,8 @@ def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, p
     run = sweep_dir / f"trial-{number:03d}"
     trial.set_user_attr("run_dir", str(run))
     trial.set_user_attr("values", json.dumps(params, default=str))
+    from peft_pipeline.train.callbacks import TrialReporter
+
     reporter = TrialReporter(trial, spec.metric, spec.pruning.enabled)
     try:
         cfg = trial_config(base, params, run, f"trial {trial.number}")
@@ -518,35 +522,8 @@ def _last_evaluation(run: Path) -> dict[str, Any]:
     return evals[-1] if evals else {}
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
 
 
-class TrialReporter(_callback_base()):
-    """Reports each evaluation to the Optuna trial and stops training when the pruner says so."""
-
-    def __init__(self, trial, metric: str, prune: bool):
-        self.trial, self.metric, self.prune = trial, metric, prune
-        self.final: dict[str, float] = {}  # the last evaluation's metrics (after training: the final one)
-        self.pruned_at: int | None = None
-        self.last_value: float | None = None
-        self.reported: set[int] = set()
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.final = dict(metrics or {})
-        value = self.final.get(self.metric)
-        # train() evaluates once more after training, at the step of the last periodic evaluation: report once
-        if (not self.prune or self.pruned_at is not None or not isinstance(value, (int, float))
-                or state.global_step in self.reported):
-            return
-        self.reported.add(state.global_step)
-        self.last_value = value
-        self.trial.report(value, state.global_step)
-        if self.trial.should_prune():
-            self.pruned_at = state.global_step
-            control.should_training_stop = True
 
 
 def _free_accelerator_memory() -> None:
@@ -771,5 +748,3 @@ def _fingerprint(config: str, spec: SweepConfig, overrides) -> str:
     return h.hexdigest()[:16]
 
 
-def _say(line: str) -> None:
-    print(f"[peft-pipeline] {line}", flush=True)

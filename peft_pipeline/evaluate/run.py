@@ -1,6 +1,6 @@
 """Eval stage: validation loss/perplexity and generation metrics for a run, adapter or merged model.
 
-Takes the directory a previous stage wrote (runs.resolve) and reads its settings back from it:
+Takes the directory a previous stage wrote (resolve) and reads its settings back from it:
 the run's config names the validation data (data.eval, or the val_fraction held out of train,
 rebuilt exactly as training built it) and the test prompts (data.test); --data and --prompts
 replace them. With --compare-base the same model is evaluated a second time with its adapter
@@ -12,13 +12,13 @@ and every prediction with its prompt and expected answer.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
 from peft_pipeline.errors import UserError
-from peft_pipeline.generate import Prompt, Sampling, generate, one_line, read_prompts
+from peft_pipeline.report import metric_rows
+from peft_pipeline.evaluate.generate import adapter_off, Prompt, Sampling, generate, one_line, read_prompts
 
 EXAMPLES_SHOWN = 3
 
@@ -31,21 +31,18 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     `retention`: a retention JSONL file, or 'auto' (the run's data.retention, else the bundled set):
     base vs adapter on general prompts (retention.py).
     """
-    from peft_pipeline import runs
+    from peft_pipeline.data.template import load_tokenizer, stop_token_ids
+    from peft_pipeline.model.load import load_model
+    from peft_pipeline.rundir import resolve
     from peft_pipeline.paths import write_json_atomic
 
     sampling = sampling or Sampling()
     check_settings(sampling, batch_size, limit)
-    target = runs.resolve(path)
-    from peft_pipeline import classify
-
-    if classify.is_classification(target):  # label metrics from a head, not losses and generations
-        return classify.evaluate(target, data=data, prompts=prompts, compare_base=compare_base, batch_size=batch_size,
-                                 limit=limit, progress=progress)
+    target = resolve(path)
     if compare_base and target.adapter_dir is None:
         raise UserError(f"{path}: --compare-base needs an adapter to switch off, and a merged model has none; "
                         "run it on the run directory instead", exit_code=2)
-    tokenizer = runs.load_tokenizer(target)
+    tokenizer = load_tokenizer(target.tokenizer_dir, padding_side="left")
     # Data problems surface before the model loads.
     test = load_test_prompts(target, prompts, limit)
     loss_data = load_loss_data(target, tokenizer, data, limit, progress)
@@ -53,8 +50,8 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     if test is None and loss_data is None and retention_set is None:
         raise UserError(f"{path}: nothing to evaluate: the run config sets neither data.eval/val_fraction nor "
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
-    model = runs.load_model(target, place_on_gpu=True)
-    stop_ids = runs.stop_token_ids(target, tokenizer)
+    model = load_model(target, place_on_gpu=True)
+    stop_ids = stop_token_ids(target, tokenizer)
 
     label = "adapter" if target.adapter_dir is not None else "merged"
     names = ["base", label] if compare_base else [label]
@@ -70,16 +67,16 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
 
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
     if retention_set is not None:
-        from peft_pipeline import retention as forgetting
+        from peft_pipeline.evaluate.retention import check
 
         system = target.config.data.system_prompt if target.config is not None else None
-        report["retention"] = {"file": retention_set[0], **forgetting.check(
+        report["retention"] = {"file": retention_set[0], **check(
             model, tokenizer, retention_set[1], stop_ids, system, batch_size, progress)}
     out = target.out_dir / "eval.json"
     write_json_atomic(out, report)
     print_report(report)
     if "retention" in report:
-        from peft_pipeline.retention import summary_line
+        from peft_pipeline.report import summary_line
 
         print(f"\n{summary_line(report['retention'])}")
     print(f"[peft-pipeline] eval written to {out}")
@@ -93,16 +90,6 @@ def check_settings(sampling: Sampling, batch_size: int, limit: int | None) -> No
         raise UserError(f"--batch-size: must be at least 1, got {batch_size}", exit_code=2)
     if limit is not None and limit < 1:
         raise UserError(f"--limit: must be at least 1, got {limit}", exit_code=2)
-
-
-@contextlib.contextmanager
-def adapter_off(model, off: bool):
-    """The base model inside the block when `off` (same weights in memory, LoRA bypassed)."""
-    if not off:
-        yield
-        return
-    with model.disable_adapter():
-        yield
 
 
 # --------------------------------------------------------------------------- inputs
@@ -125,7 +112,7 @@ def load_test_prompts(target, prompts: str | None, limit: int | None) -> dict | 
 
 def load_retention(target, setting: str | None, path) -> tuple[str, list] | None:
     """(file, items) for --retention: FILE, or 'auto' = the run's data.retention, else the bundled set."""
-    from peft_pipeline import retention as forgetting
+    from peft_pipeline.evaluate.retention import load, resolve
 
     if setting is None:
         return None
@@ -134,15 +121,15 @@ def load_retention(target, setting: str | None, path) -> tuple[str, list] | None
                         "off; run it on the run directory instead", exit_code=2)
     file = None
     if setting == "auto" and target.config is not None:
-        file = forgetting.resolve(target.config.data.retention, target.config.model.name)
+        file = resolve(target.config.data.retention, target.config.model.name)
     if file is None:
-        file = forgetting.resolve("bundled" if setting == "auto" else setting, "")
-    return str(file), forgetting.load(file)
+        file = resolve("bundled" if setting == "auto" else setting, "")
+    return str(file), load(file)
 
 
 def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progress: bool) -> dict | None:
     """Tokenized validation examples (input_ids + labels with -100 outside the loss), or None."""
-    from peft_pipeline import data as data_stage
+    from peft_pipeline.data.build import DataReport, build_datasets, load_examples, tokenize_examples
     from peft_pipeline.config import DataSection, DataSource
 
     cfg = target.config
@@ -150,13 +137,13 @@ def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progr
     max_length = cfg.max_length if cfg is not None else None
     seed = cfg.seed if cfg is not None else 42
     if data is not None:
-        report = data_stage.DataReport()
-        examples = data_stage.load_examples([DataSource(path=data)], settings.system_prompt, seed, report)
-        columns = data_stage.tokenize_examples(examples, tokenizer, settings, max_length, report, "eval", progress)
+        report = DataReport()
+        examples = load_examples([DataSource(path=data)], settings.system_prompt, seed, report)
+        columns = tokenize_examples(examples, tokenizer, settings, max_length, report, "eval", progress)
         source = data
     elif cfg is not None and (settings.eval or settings.val_fraction > 0):
         # The same split, tokens and masks training saw (usually a cache hit).
-        _, evals, _ = data_stage.build_datasets(settings, tokenizer, max_length, seed, progress=progress)
+        _, evals, _ = build_datasets(settings, tokenizer, max_length, seed, progress=progress)
         if evals is None:
             return None
         cols = evals.to_dict()
@@ -219,7 +206,7 @@ def validation_loss(model, columns: dict[str, list], pad_id: int | None, batch_s
 
 def build_report(target, names, sampling: Sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers) -> dict:
     """eval.json: what was evaluated and how, the numbers per model, and every prediction."""
-    from peft_pipeline.metrics import score
+    from peft_pipeline.evaluate.metrics import score
 
     report: dict[str, Any] = {
         "target": {"kind": target.kind, "path": str(target.path), "base_model": target.model_path,
@@ -250,36 +237,11 @@ def build_report(target, names, sampling: Sampling, batch_size, limit, stop_ids,
 
 
 # Blocks of metrics.score not shown as table rows (shown apart or too wide).
-_SKIP = {"n", "kind", "per_class", "confusion_matrix"}
-
-
-def metric_rows(report: dict) -> list[tuple[str, list[float | None]]]:
-    """(name, value per model) for the terminal table: loss, perplexity, then every numeric metric."""
-    names = report["models"]
-    rows: list[tuple[str, list[float | None]]] = []
-    if "loss" in report:
-        rows.append(("val loss", [report["loss"][n]["loss"] for n in names]))
-        rows.append(("perplexity", [report["loss"][n]["perplexity"] for n in names]))
-    if "generation" in report:
-        per_model = [dict(_flatten(report["generation"]["metrics"][n])) for n in names]
-        for key in per_model[0]:
-            rows.append((key, [m.get(key) for m in per_model]))
-    return rows
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if k in _SKIP:
-            continue
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            yield f"{prefix}{k}", float(v)
 
 
 def print_report(report: dict, out=None) -> None:
     """Side-by-side metrics (one column per model), label confusion matrices, and a few examples."""
-    from peft_pipeline.metrics import format_confusion_matrix
+    from peft_pipeline.evaluate.metrics import format_confusion_matrix
 
     out = out or sys.stdout
     names = report["models"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from peft_pipeline.config import EMBEDDED_BASE
+from peft_pipeline.console import say as _say_prefixed
 from peft_pipeline.errors import UserError
 
 # Architectures for GPU runs, random weights, dims from each model's public config.json.
@@ -257,10 +258,14 @@ def pipeline_trainer(v: Variant, s: BenchSettings, model_dir: str, run_dir: Path
     """This pipeline's train stage up to trainer.train(): config schema, data stage, model stage, trainer."""
     from transformers import set_seed
 
-    from peft_pipeline import data as data_stage
-    from peft_pipeline import model as model_stage
     from peft_pipeline.config import config_from_dict
-    from peft_pipeline.train import make_sft_config, make_trainer
+    from peft_pipeline.data.build import build_datasets
+    from peft_pipeline.data.template import ensure_chat_template, load_tokenizer
+    from peft_pipeline.model.adapter import attach_adapter
+    from peft_pipeline.model.load import load_base
+    from peft_pipeline.paths import resolve_model_path
+    from peft_pipeline.train.loop import add_callbacks
+    from peft_pipeline.train.sft import make_sft_config, make_trainer
 
     training = {"per_device_train_batch_size": s.batch_size, "max_steps": total, "max_length": s.max_length,
                 **BENCH_ARGS, **v.training}
@@ -271,16 +276,18 @@ def pipeline_trainer(v: Variant, s: BenchSettings, model_dir: str, run_dir: Path
         "training": training,
         "output_dir": str(run_dir),
     }, source=f"bench variant {v.name}")
-    path = model_stage.resolve_model_path(cfg.model)
-    tokenizer = model_stage.load_tokenizer(cfg.model, path)
-    data_stage.ensure_chat_template(tokenizer, cfg.model.chat_template)
-    train_ds, _, _ = data_stage.build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=False)
-    base = model_stage.load_base(cfg.model, cfg.quantization, path)
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    ensure_chat_template(tokenizer, cfg.model.chat_template)
+    train_ds, _, _ = build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=False)
+    base = load_base(cfg.model, cfg.quantization, path)
     args = make_sft_config(cfg, base.dtype, base)
     set_seed(cfg.seed)
-    model = model_stage.attach_adapter(base, cfg.lora, v.quantize, args.gradient_checkpointing)
+    model = attach_adapter(base, cfg.lora, v.quantize, args.gradient_checkpointing)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return make_trainer(args, model, tokenizer, train_ds, None, run_dir)
+    trainer = make_trainer(args, model, tokenizer, train_ds, None)
+    add_callbacks(trainer, run_dir, None)
+    return trainer
 
 
 def trl_trainer(v: Variant, s: BenchSettings, model_dir: str, run_dir: Path, total: int, env: dict):
@@ -317,10 +324,11 @@ def trl_dataset(s: BenchSettings, name: str, model_dir: str):
     from datasets import Dataset
 
     from peft_pipeline.config import DataSource, ModelSection
-    from peft_pipeline.data import DataReport, ensure_chat_template, load_examples, render, tokenize
-    from peft_pipeline.model import load_tokenizer
+    from peft_pipeline.data.build import DataReport, load_examples
+    from peft_pipeline.data.template import ensure_chat_template, render, tokenize
+    from peft_pipeline.data.template import load_tokenizer
 
-    tokenizer = load_tokenizer(ModelSection(name=model_dir), model_dir)
+    tokenizer = load_tokenizer(model_dir, ModelSection(name=model_dir))
     ensure_chat_template(tokenizer, None)
     examples = load_examples([DataSource(**data_source(s, name))], None, 42, DataReport())
     kept = [ex for ex in examples if len(tokenize(render(ex, tokenizer), tokenizer)[0]) <= s.max_length]
@@ -506,7 +514,7 @@ def release_memory() -> None:
 def flops_per_document(model):
     """n -> training FLOPs of one document of n tokens, n x (4N + 6 N_lora + 6 L d_attn n) (flops.py)."""
     from peft_pipeline.config import LoraSection
-    from peft_pipeline.flops import count_lora_params, count_matmul_params, lora_flops_per_token
+    from peft_pipeline.tools.flops import count_lora_params, count_matmul_params, lora_flops_per_token
 
     config = getattr(model, "config", None) or model.get_base_model().config
     counts = count_matmul_params(config)
@@ -542,8 +550,8 @@ def environment(s: BenchSettings) -> dict[str, Any]:
 
     import torch
 
-    from peft_pipeline.model import resolve_dtype
-    from peft_pipeline.train import package_versions
+    from peft_pipeline.model.load import resolve_dtype
+    from peft_pipeline.rundir import package_versions
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -607,7 +615,7 @@ def load_average() -> str:
 def prepare_model(s: BenchSettings, work: Path) -> str:
     """The model directory every variant loads: the given model, or a random-weight architecture."""
     from peft_pipeline.config import ModelSection
-    from peft_pipeline.model import resolve_model_path
+    from peft_pipeline.paths import resolve_model_path
 
     if s.model_config is None:
         return resolve_model_path(ModelSection(name=s.model))
@@ -632,9 +640,11 @@ def random_model_dir(name: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from peft_pipeline.config import ModelSection
-    from peft_pipeline.model import load_tokenizer, resolve_dtype, resolve_model_path
+    from peft_pipeline.data.template import load_tokenizer
+    from peft_pipeline.model.load import resolve_dtype
+    from peft_pipeline.paths import resolve_model_path
 
-    tokenizer = load_tokenizer(ModelSection(), resolve_model_path(ModelSection()))
+    tokenizer = load_tokenizer(resolve_model_path(ModelSection()), ModelSection())
     config = model_config(name, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
     say(f"building {name} with random weights in {target}")
@@ -768,6 +778,6 @@ def fmt_mfu(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def say(line: str) -> None:
-    """Progress on stdout, prefixed so it stands out from library logs."""
-    print(f"[bench] {line}", flush=True)
+def say(*lines: str) -> None:
+    """console.say under this stage's own prefix."""
+    _say_prefixed(*lines, prefix="[bench]")

@@ -86,6 +86,30 @@ def activation_bytes(batch: int, seq: int, layers: int, hidden: int, intermediat
     return kept + logits
 
 
+def needs_gradient_checkpointing(args: dict[str, Any], model) -> bool:
+    """True when weights + activations of the longest possible micro-batch overflow 90% of this GPU.
+
+    Activations by activation_bytes (the module docstring's formula) without checkpointing. Rough, and
+    meant to err on the safe side.
+    """
+    import torch
+
+    text = model.config.get_text_config()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch, seq = int(args.get("per_device_train_batch_size", 8)), int(args.get("max_length") or 1024)
+    width = 2 if args.get("bf16") or args.get("fp16") or model.dtype in (torch.bfloat16, torch.float16) else 4
+    activations = activation_bytes(batch, seq, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
+                                   text.vocab_size, width, checkpointing=False)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    needed = weights + activations
+    if needed > 0.9 * total:
+        print(f"[peft-pipeline] gradient checkpointing on: ~{needed / 2**30:.0f} GiB estimated for "
+              f"{batch * seq} tokens per micro-batch, {total / 2**30:.0f} GiB on the GPU "
+              "(set training.gradient_checkpointing to decide yourself)", flush=True)
+        return True
+    return False
+
+
 def weight_bytes(model, quantization: str = "none", double_quant: bool = True) -> int:
     """Storage of the frozen parameters and buffers as loaded, plus 4-bit quantization constants."""
     total = 0
@@ -115,7 +139,9 @@ def estimate(model, batch_size: int, seq_len: int, gradient_checkpointing: bool,
     shape = dict(batch=batch_size, seq=seq_len, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
                  intermediate=getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size,
                  vocab=cfg.vocab_size, value_bytes=value_bytes)
-    total_params, _ = _counts(model)
+    from peft_pipeline.model.load import parameter_counts
+
+    total_params = parameter_counts(model)["total_params"]
     return Estimate(
         total_params=total_params, trainable_params=n_trainable,
         weights=weight_bytes(model, quantization, double_quant),
@@ -125,13 +151,6 @@ def estimate(model, batch_size: int, seq_len: int, gradient_checkpointing: bool,
         overhead=CUDA_CONTEXT_BYTES if on_gpu else 0,
         gradient_checkpointing=gradient_checkpointing, batch_size=batch_size, seq_len=seq_len,
     )
-
-
-def _counts(model) -> tuple[int, int]:
-    if hasattr(model, "get_nb_trainable_parameters"):  # counts 4-bit weights at their logical size
-        trainable, total = model.get_nb_trainable_parameters()
-        return int(total), int(trainable)
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def device_memory() -> tuple[str, int]:

@@ -1,0 +1,1 @@
+"""Tools that drive the stages rather than being one: the benchmark, FLOPs/MFU accounting, sweeps."""

@@ -1,0 +1,173 @@
+"""The training stage: setup -> fit -> save, one sequence for every method (train/sft.py, train/classify.py).
+
+    train(cfg, method)
+      check       tokenizer, data and model-name checks: every problem before any weight loads
+      start       the run directory (rundir.start): resolved config.yaml, metrics.json "running"
+      setup       the method's base, adapter and trainer (with the pipeline's callbacks)
+      fit         trainer.train (resuming when asked), then the guard's verdict
+      save        the method's weights, the retention check, metrics.json "complete", report.md
+
+Same code under `peft-pipeline train`, `python -m peft_pipeline train` and `accelerate launch -m
+peft_pipeline train`; only the main process writes the run directory (rundir.py owns its layout).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from peft_pipeline import rundir
+from peft_pipeline.config import RunConfig
+from peft_pipeline.console import say
+from peft_pipeline.train.prepared import Prepared
+
+
+def train(cfg: RunConfig, method, overwrite: bool = False, resume: str | bool | None = None, progress: bool = True,
+          callbacks: list | None = None) -> Path:
+    """Run the training stage with `method` (tasks.method_for chooses it from the config); return the run dir.
+
+    `callbacks`: extra transformers TrainerCallbacks (a sweep's trial reporter and pruner).
+    """
+    from accelerate import PartialState
+
+    from peft_pipeline.report import refresh_report
+    from peft_pipeline.train.hardware import runs_on_cpu
+
+    state = PartialState(cpu=runs_on_cpu(cfg))
+    run = Path(cfg.output_dir)
+    rundir.check(run, overwrite, resume)
+    prep = check(cfg, method, progress)
+    say(*prep.lines, state=state)
+
+    rundir.start(run, cfg, overwrite, resume, state)
+    trainer, facts = method.setup(cfg, prep, run, state)
+    add_callbacks(trainer, run, callbacks)
+    metrics = {**facts, **fit(trainer, run, resume, state), **method.finish(trainer, prep)}
+    weights = gather_sharded_weights(trainer)  # every rank joins; None when not sharded
+    if state.is_main_process:
+        method.save(trainer, prep, cfg, run, weights)
+        if method.generates_text:
+            metrics.update(after_training(cfg, trainer, prep))
+        rundir.finish(run, {**metrics, "data_files": rundir.data_fingerprints(cfg), "git_commit": rundir.git_commit()})
+        refresh_report(run)
+    state.wait_for_everyone()
+    say(f"run complete: {run}", state=state)
+    return run
+
+
+def check(cfg: RunConfig, method, progress: bool = True) -> Prepared:
+    """Every check `train` makes before loading weights (also `peft-pipeline validate`): model, tokenizer, data."""
+    from peft_pipeline.data.template import load_tokenizer
+    from peft_pipeline.paths import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    return method.check(cfg, path, tokenizer, progress)
+
+
+def add_callbacks(trainer, run: Path, extra: list | None) -> None:
+    """log.jsonl lines and the NaN/disk guard on every trainer, then the caller's own."""
+    from peft_pipeline.train.callbacks import Guard, JsonlLogger
+
+    trainer.add_callback(JsonlLogger(run / "log.jsonl"))
+    trainer.add_callback(Guard(run))
+    for callback in extra or ():
+        trainer.add_callback(callback)
+
+
+def fit(trainer, run: Path, resume, state) -> dict:
+    """trainer.train (from the latest or a given checkpoint), then the numbers every run records."""
+    from peft_pipeline.train.callbacks import Guard
+
+    args = trainer.args
+    world = state.num_processes
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    say(f"batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
+        f"x {world} processes = {global_batch} examples per optimizer step", state=state)
+    started = time.time()
+    checkpoint = rundir.resolve_resume(run, resume)
+    if checkpoint and state.is_main_process:
+        rundir.trim_log(run / "log.jsonl", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Guard)).raise_if_stopped()
+    return {
+        "train_loss": whole_run_loss(trainer) if checkpoint else result.training_loss,
+        "final_logged_loss": last_logged(trainer, "loss"),
+        "first_logged_loss": first_logged(trainer, "loss"),
+        "global_steps": trainer.state.global_step,
+        "global_batch_size": global_batch,
+        "world_size": world,
+        "trained_tokens": trainer.state.num_input_tokens_seen,
+        "runtime_s": round(time.time() - started, 2),
+    }
+
+
+def after_training(cfg: RunConfig, trainer, prep: Prepared) -> dict:
+    """The forgetting check on the model still in memory: base vs adapter on general prompts."""
+    from peft_pipeline.evaluate.retention import after_training as retention_check
+
+    retention = retention_check(cfg, trainer, prep.tokenizer)
+    return {"retention": retention} if retention is not None else {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def whole_run_loss(trainer) -> float | None:
+    """Mean training loss over every step of a resumed run (the trainer's own covers only the steps since).
+
+    From the log history restored with the checkpoint: each logged loss averages the steps since the last log.
+    """
+    logged = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h and "step" in h]
+    if not logged:
+        return None
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total, previous = total + loss * (step - previous), step
+    return total / previous
+
+
+def last_logged(trainer, key: str):
+    """The last value of `key` in the trainer's log history."""
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[-1] if values else None
+
+
+def first_logged(trainer, key: str):
+    """The first value of `key` in the trainer's log history."""
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[0] if values else None
+
+
+def gather_sharded_weights(trainer) -> dict | None:
+    """Whole weights of a model sharded by FSDP or DeepSpeed ZeRO-3, for the main process to save.
+
+    A collective: every rank must call it, or the gather hangs. Sharded, each rank holds only a
+    slice of every LoRA matrix, so the main process saving alone would write its slice (ZeRO-3:
+    empty tensors) or hang. None under DDP, ZeRO-1/2 or one process: every rank holds it whole.
+    """
+    acc = trainer.accelerator
+    if trainer.is_fsdp_enabled:
+        return acc.get_state_dict(trainer.model)  # the whole model, to the main process's CPU
+    if trainer.is_deepspeed_enabled and acc.deepspeed_config["zero_optimization"].get("stage") == 3:
+        # The frozen base stays partitioned; only the adapter is gathered (as Trainer.save_model does).
+        return trainer.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
+    return None
+
+
+def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+    """Adapter + tokenizer + chat template + stop tokens, written atomically.
+
+    A plain model (freeze.method: top_layers) is saved whole the same way, into model/ (see runs.resolve).
+    `state_dict`: the gathered weights of a sharded model (see gather_sharded_weights).
+    """
+    from transformers import GenerationConfig
+
+    from peft_pipeline.data.template import stop_ids
+    from peft_pipeline.paths import atomic_dir
+
+    stop = stop_ids(tokenizer)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(tmp)
