@@ -307,13 +307,12 @@ def env_lines() -> list[str]:
     except md.PackageNotFoundError:
         requires = []
         lines.append("peft-pipeline: not installed (running from a checkout)")
+    from peft_pipeline.rundir import package_versions
+
     names = [re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0] for r in requires]
-    for name in list(dict.fromkeys(names + list(OPTIONAL))):
-        try:
-            version = md.version(name)
-        except md.PackageNotFoundError:
-            version = "not installed"
-        lines.append(f"  {name}: {version}")
+    for name, version in package_versions(tuple(dict.fromkeys(names + list(OPTIONAL)))).items():
+        if name != "python":
+            lines.append(f"  {name}: {version or 'not installed'}")
     lines += device_lines()
     for var in ("CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE", "PEFT_PIPELINE_CACHE"):
         if var in os.environ:

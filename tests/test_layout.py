@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "peft_pipeline"
+PKG = Path(__file__).resolve().parents[1] / "peft_pipeline"  # tests/ sits beside the package
 
 # Lower layers never import higher ones. Within a layer, modules may import each other (acyclically).
 LAYERS = [

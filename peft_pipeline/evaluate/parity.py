@@ -182,7 +182,9 @@ def greedy(model, ids, n: int, stop: list[int] | None = None) -> list[int]:
             tokens.append(nxt.item())
             if tokens[-1] in stops or len(tokens) == n:  # the last token needs no forward pass of its own
                 break
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            # transformers >= 5.2x names the KV cache `cache` (past_key_values is deprecated); older ones do not
+            cache = {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
+            out = model(input_ids=nxt, use_cache=True, **cache)
     return tokens
 
 

@@ -10,6 +10,7 @@ import difflib
 from typing import Any
 
 from peft_pipeline.config import LoraSection
+from peft_pipeline.console import library_deprecations_quiet
 
 
 def linear_module_names(model) -> list[str]:
@@ -85,8 +86,9 @@ def attach_adapter(base, lora: LoraSection, quantized: bool, gradient_checkpoint
     """Freeze the base and add LoRA; for k-bit bases, prepare norms/inputs for stable training first."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        base.enable_input_require_grads()
-    return get_peft_model(base, lora_config(lora, base))
+    with library_deprecations_quiet():
+        if quantized:
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            base.enable_input_require_grads()
+        return get_peft_model(base, lora_config(lora, base))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from peft_pipeline.config import ModelSection, QuantizationSection, RunConfig
+from peft_pipeline.console import say_cpu_4bit
 from peft_pipeline.errors import UserError
 from peft_pipeline.paths import resolve_model_path
 from peft_pipeline.rundir import Target
@@ -104,6 +105,11 @@ def load_base(model: ModelSection, q: QuantizationSection, path: str | None = No
     path = path or resolve_model_path(model)
     dtype = resolve_dtype(model.dtype)
     qconf = quantization_config(q, dtype) if quantize else None
+    if qconf is not None and qconf.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            say_cpu_4bit()
     try:
         base = (auto_class or AutoModelForCausalLM).from_pretrained(
             path,

@@ -121,11 +121,13 @@ def attach_adapter(model, cfg: RunConfig):
 
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from peft_pipeline.console import library_deprecations_quiet
     from peft_pipeline.model.adapter import lora_config
 
-    if cfg.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, dataclasses.replace(lora_config(cfg.lora), task_type="SEQ_CLS"))
+    with library_deprecations_quiet():
+        if cfg.quantization.mode != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return get_peft_model(model, dataclasses.replace(lora_config(cfg.lora), task_type="SEQ_CLS"))
 
 
 # --------------------------------------------------------------------------- trainer

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from peft_pipeline import rundir
 from peft_pipeline.config import RunConfig
-from peft_pipeline.console import say
+from peft_pipeline.console import library_deprecations_quiet, say
 from peft_pipeline.train.prepared import Prepared
 
 
@@ -88,7 +88,8 @@ def fit(trainer, run: Path, resume, state) -> dict:
     checkpoint = rundir.resolve_resume(run, resume)
     if checkpoint and state.is_main_process:
         rundir.trim_log(run / "log.jsonl", checkpoint)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with library_deprecations_quiet():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Guard)).raise_if_stopped()
     return {
         "train_loss": whole_run_loss(trainer) if checkpoint else result.training_loss,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from peft_pipeline.config import RunConfig
-from peft_pipeline.console import say
+from peft_pipeline.console import library_deprecations_quiet, say
 from peft_pipeline.errors import UserError
 from peft_pipeline.train import hardware
 from peft_pipeline.train.prepared import Prepared
@@ -59,7 +59,8 @@ class SFT:
         record, lines = preflight(cfg, model, args, len(prep.train), report.tokens.get("length_max"),
                                   state.num_processes)  # refuses (UserError) what clearly cannot fit
         say(*lines, state=state)
-        trainer = make_trainer(args, model, prep.tokenizer, prep.train, prep.eval)
+        with library_deprecations_quiet():
+            trainer = make_trainer(args, model, prep.tokenizer, prep.train, prep.eval)
         controls.install(trainer, cfg, plan, run, state.num_processes)  # early stopping, freezing schedule, NEFTune
         return trainer, {**counts, "data": asdict(report), "chat_template": prep.facts["chat_template"],
                          "preflight": record}
@@ -104,10 +105,16 @@ def make_sft_config(cfg: RunConfig, dtype, model=None):
     on_gpu = torch.cuda.is_available()
     hardware.hardware_defaults(cfg, args, dtype)
     args.setdefault("use_liger_kernel", on_gpu and hardware.liger_available())
-    if "gradient_checkpointing" not in args:  # TRL's default is on; ours is "only when memory needs it"
+    if "gradient_checkpointing" not in args and "activation_checkpointing" not in args:
+        # TRL's default is on; ours is "only when memory needs it". transformers >= 5.2x renamed the
+        # field activation_checkpointing (the old name warns); args.gradient_checkpointing mirrors it.
+        import dataclasses
+
         from peft_pipeline.train.preflight import needs_gradient_checkpointing
 
-        args["gradient_checkpointing"] = on_gpu and model is not None and needs_gradient_checkpointing(args, model)
+        name = "activation_checkpointing" if any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig)) \
+            else "gradient_checkpointing"
+        args[name] = on_gpu and model is not None and needs_gradient_checkpointing(args, model)
     padding_free = args.get("padding_free") and not args.get("packing")
     if padding_free:
         # The data stage already dropped or cut rows longer than max_length; TRL refuses padding-free

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import REPO
+
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = REPO / "data"
 FILES = {
     "orders/train.jsonl": 400, "orders/validation.jsonl": 40, "orders/test.jsonl": 40,
     "chat/train.jsonl": 80, "chat/validation.jsonl": 10, "longtail/train.jsonl": 600,
