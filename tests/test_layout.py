@@ -135,3 +135,15 @@ def test_stages_import_only_lower_layers():
 def test_every_module_says_what_it_owns(mod):
     doc = ast.get_docstring(ast.parse(modules()[mod].read_text()))
     assert doc and len(doc.split()) >= 5, f"{mod}: needs a module docstring saying what it owns"
+
+
+def test_functions_fit_a_screen_or_say_why():
+    long = []
+    for mod, f in modules().items():
+        lines = f.read_text().splitlines()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+                if "Over 50 lines by choice" not in "\n".join(lines[max(0, start - 4):start - 1]):
+                    long.append(f"{mod}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "split these, or write the reason above them ('Over 50 lines by choice: ...'):\n" + "\n".join(long)

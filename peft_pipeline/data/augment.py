@@ -69,6 +69,8 @@ def shuffle_json(text: str, rng: random.Random) -> str | None:
     return json.dumps(shuffled(obj), ensure_ascii=False, **style)
 
 
+# Over 50 lines by choice: the draws must stay in one fixed order (system, fields, template) for a seed to
+# give one variant, and one function keeps that order visible.
 def vary(example: dict[str, Any], aug: AugmentSection, system_prompt: str | None,
          rng: random.Random) -> dict[str, Any] | None:
     """A varied copy of a normalized conversational example; None when nothing applies to it.

@@ -167,6 +167,7 @@ def detect_format(columns: Iterable[str], first: dict[str, Any] | None = None) -
     )
 
 
+# Over 50 lines by choice: one branch per data format, read as a table of the formats.
 def normalize(row: Row, fmt: str, system_prompt: str | None = None, keep_fields: bool = False) -> dict[str, Any]:
     """Turn one raw row into {'messages'}, {'prompt','completion'} or {'text'}; errors name the row.
 

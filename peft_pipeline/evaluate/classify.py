@@ -78,42 +78,16 @@ def evaluate(path, data: str | None = None, prompts: str | None = None, compare_
     """
     from peft import PeftModel
 
-    from peft_pipeline.rundir import resolve
-
-    from peft_pipeline.data.labelled import load_data, read_labelled, tokenize_rows
     from peft_pipeline.data.template import load_tokenizer
     from peft_pipeline.model.load import load_classifier
     from peft_pipeline.paths import write_json_atomic
+    from peft_pipeline.rundir import resolve
 
     target = resolve(path)
-    if compare_base:
-        raise UserError(f"{target.path}: --compare-base does not apply to a classification run: the base has no trained "
-                        "head (metrics.json 'before' holds the untrained head's scores)", exit_code=2)
-    if prompts:
-        raise UserError(f"{target.path}: --prompts does not apply to a classification run (no generation); "
-                        "pass --data FILE with text and label columns", exit_code=2)
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise UserError("--batch-size and --limit must be at least 1", exit_code=2)
-    info = json.loads((target.adapter_dir / LABELS_FILE).read_text())
-    labels = info["labels"]
-    cfg = target.config or RunConfig.model_validate({"task": "classification", "model": {"name": target.model_path}})
-    cfg = cfg.model_copy(update={"classification": cfg.classification.model_copy(
-        update={"text_column": info["text_column"], "label_column": info["label_column"], "labels": labels})})
+    check_settings(target, compare_base, prompts, batch_size, limit)
+    cfg, labels = run_config(target)
     tokenizer = load_tokenizer(target.tokenizer_dir, padding_side="right")
-    if data is not None:
-        rows = read_labelled(DataSource(path=data), cfg.classification)
-        counts = {"dropped_overlong": 0, "truncated": 0}
-        cols, source = tokenize_rows(rows, labels, tokenizer, cfg.max_length, cfg.data.overlong, counts), data
-    elif cfg.data.eval or cfg.data.val_fraction > 0:
-        loaded = load_data(cfg, tokenizer)  # the same split and tokens training saw
-        cols, source = loaded.eval, loaded.eval_source
-    else:
-        raise UserError(f"{target.path}: the run has no eval split (data.eval or data.val_fraction); pass --data FILE",
-                        exit_code=2)
-    if not cols or not cols["input_ids"]:
-        raise UserError(f"{source}: no row left to score (all longer than max_length?)")
-    if limit:
-        cols = {k: v[:limit] for k, v in cols.items()}
+    cols, source = rows_to_score(target, cfg, labels, tokenizer, data, limit)
     model = PeftModel.from_pretrained(load_classifier(cfg, target.model_path, labels, tokenizer.pad_token_id),
                                       str(target.adapter_dir))
     if cfg.quantization.mode == "none":
@@ -135,6 +109,47 @@ def evaluate(path, data: str | None = None, prompts: str | None = None, compare_
     print_scores(m, f"eval on {source}")
     print(f"[peft-pipeline] eval written to {out}")
     return report
+
+
+def check_settings(target, compare_base: bool, prompts: str | None, batch_size: int, limit: int | None) -> None:
+    """The eval options that do not apply to a head, or cannot work, as one-line usage errors."""
+    if compare_base:
+        raise UserError(f"{target.path}: --compare-base does not apply to a classification run: the base has no trained "
+                        "head (metrics.json 'before' holds the untrained head's scores)", exit_code=2)
+    if prompts:
+        raise UserError(f"{target.path}: --prompts does not apply to a classification run (no generation); "
+                        "pass --data FILE with text and label columns", exit_code=2)
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise UserError("--batch-size and --limit must be at least 1", exit_code=2)
+
+
+def run_config(target) -> tuple[RunConfig, list[str]]:
+    """The run's config with the columns and label order the adapter was trained with (classification.json)."""
+    info = json.loads((target.adapter_dir / LABELS_FILE).read_text())
+    labels = info["labels"]
+    cfg = target.config or RunConfig.model_validate({"task": "classification", "model": {"name": target.model_path}})
+    cfg = cfg.model_copy(update={"classification": cfg.classification.model_copy(
+        update={"text_column": info["text_column"], "label_column": info["label_column"], "labels": labels})})
+    return cfg, labels
+
+
+def rows_to_score(target, cfg: RunConfig, labels: list[str], tokenizer, data: str | None, limit: int | None):
+    """(columns, source): --data FILE, else the run's eval split exactly as training saw it."""
+    from peft_pipeline.data.labelled import load_data, read_labelled, tokenize_rows
+
+    if data is not None:
+        rows = read_labelled(DataSource(path=data), cfg.classification)
+        counts = {"dropped_overlong": 0, "truncated": 0}
+        cols, source = tokenize_rows(rows, labels, tokenizer, cfg.max_length, cfg.data.overlong, counts), data
+    elif cfg.data.eval or cfg.data.val_fraction > 0:
+        loaded = load_data(cfg, tokenizer)  # the same split and tokens training saw
+        cols, source = loaded.eval, loaded.eval_source
+    else:
+        raise UserError(f"{target.path}: the run has no eval split (data.eval or data.val_fraction); pass --data FILE",
+                        exit_code=2)
+    if not cols or not cols["input_ids"]:
+        raise UserError(f"{source}: no row left to score (all longer than max_length?)")
+    return ({k: v[:limit] for k, v in cols.items()} if limit else cols), source
 
 
 def _compact(m: dict | None) -> dict | None:

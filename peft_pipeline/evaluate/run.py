@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from peft_pipeline.errors import UserError
+from peft_pipeline.evaluate.generate import Prompt, Sampling, adapter_off, generate, one_line, read_prompts
 from peft_pipeline.report import metric_rows
-from peft_pipeline.evaluate.generate import adapter_off, Prompt, Sampling, generate, one_line, read_prompts
 
 EXAMPLES_SHOWN = 3
 
@@ -55,15 +55,7 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
 
     label = "adapter" if target.adapter_dir is not None else "merged"
     names = ["base", label] if compare_base else [label]
-    losses, answers = {}, {}
-    for name in names:
-        with adapter_off(model, name == "base"):
-            if loss_data is not None:
-                losses[name] = validation_loss(model, loss_data["columns"], tokenizer.pad_token_id, batch_size,
-                                               progress, desc=f"Loss ({name})")
-            if test is not None:
-                answers[name] = generate(model, tokenizer, test["prompts"], stop_ids, sampling, batch_size,
-                                         progress, desc=f"Generating ({name})")
+    losses, answers = score_models(model, tokenizer, names, loss_data, test, stop_ids, sampling, batch_size, progress)
 
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
     if retention_set is not None:
@@ -81,6 +73,21 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
         print(f"\n{summary_line(report['retention'])}")
     print(f"[peft-pipeline] eval written to {out}")
     return report
+
+
+def score_models(model, tokenizer, names: list[str], loss_data, test, stop_ids, sampling, batch_size: int,
+                 progress: bool) -> tuple[dict, dict]:
+    """Losses and answers of each model in `names` ("base" = the same weights with the adapter off)."""
+    losses, answers = {}, {}
+    for name in names:
+        with adapter_off(model, name == "base"):
+            if loss_data is not None:
+                losses[name] = validation_loss(model, loss_data["columns"], tokenizer.pad_token_id, batch_size,
+                                               progress, desc=f"Loss ({name})")
+            if test is not None:
+                answers[name] = generate(model, tokenizer, test["prompts"], stop_ids, sampling, batch_size,
+                                         progress, desc=f"Generating ({name})")
+    return losses, answers
 
 
 def check_settings(sampling: Sampling, batch_size: int, limit: int | None) -> None:

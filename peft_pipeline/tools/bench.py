@@ -719,6 +719,7 @@ def common_rate(result: dict, k: int, clock: str = "time_s") -> float:
     return sum(st["real_tokens"] for st in steps) / max(sum(st[clock] for st in steps), 1e-9)
 
 
+# Over 50 lines by choice: the report's text, top to bottom as it reads.
 def markdown(s: BenchSettings, env: dict, results: list[dict], comparisons: list[dict]) -> list[str]:
     """The generated section: how it was run, one row per variant, the comparisons."""
     v = env["versions"]
