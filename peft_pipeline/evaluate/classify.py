@@ -78,6 +78,7 @@ def evaluate(path, data: str | None = None, prompts: str | None = None, compare_
     """
     from peft import PeftModel
 
+    from peft_pipeline.console import library_deprecations_quiet
     from peft_pipeline.data.template import load_tokenizer
     from peft_pipeline.model.load import load_classifier
     from peft_pipeline.paths import write_json_atomic
@@ -88,8 +89,9 @@ def evaluate(path, data: str | None = None, prompts: str | None = None, compare_
     cfg, labels = run_config(target)
     tokenizer = load_tokenizer(target.tokenizer_dir, padding_side="right")
     cols, source = rows_to_score(target, cfg, labels, tokenizer, data, limit)
-    model = PeftModel.from_pretrained(load_classifier(cfg, target.model_path, labels, tokenizer.pad_token_id),
-                                      str(target.adapter_dir))
+    with library_deprecations_quiet():
+        model = PeftModel.from_pretrained(load_classifier(cfg, target.model_path, labels, tokenizer.pad_token_id),
+                                          str(target.adapter_dir))
     if cfg.quantization.mode == "none":
         import torch
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from peft_pipeline.config import ModelSection, QuantizationSection, RunConfig
-from peft_pipeline.console import say_cpu_4bit
+from peft_pipeline.console import library_deprecations_quiet, say_cpu_4bit
 from peft_pipeline.errors import UserError
 from peft_pipeline.paths import resolve_model_path
 from peft_pipeline.rundir import Target
@@ -212,6 +212,7 @@ def load_model(target: Target, with_adapter: bool = True, quantized: bool | None
     if with_adapter and target.adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(target.adapter_dir))
+        with library_deprecations_quiet():
+            model = PeftModel.from_pretrained(model, str(target.adapter_dir))
     model.eval()
     return model
