@@ -44,7 +44,7 @@ TRAINING_OWNED = {
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,  # TRL's 2e-5 suits full fine-tuning; LoRA wants ~10x more
     "logging_steps": 5,
-    # gradient_checkpointing (~30% slower) is left unset: train.make_sft_config turns it on only on a GPU whose
+    # gradient_checkpointing (~30% slower) is left unset: train/sft.py make_sft_config turns it on only on a GPU whose
     # memory the estimate for the longest micro-batch overflows. Set it to true/false to decide yourself.
     "padding_free": True,  # rows are flattened into one sequence (no pad tokens); false pads to the longest row
     "report_to": "none",
@@ -82,7 +82,7 @@ class ModelSection(_Section):
     attn_implementation: Literal["auto", "eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3",
                                  "flex_attention"] = "auto"
     """Attention kernel; auto = flash_attention_2 when installed on a GPU, else sdpa_varlen (SDPA within each
-    packed document, model.register_sdpa_varlen); sdpa = transformers' SDPA with a dense mask over the pack."""
+    packed document, model/attention.py); sdpa = transformers' SDPA with a dense mask over the pack."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the repository."""
     chat_template: str | None = None
@@ -189,7 +189,7 @@ def _as_sources(value: Any) -> Any:
 
 
 class AugmentSection(_Section):
-    """On-the-fly variations of the training rows (augment.py): a different variant each epoch, reproducible.
+    """On-the-fly variations of the training rows (data/augment.py): a different variant each epoch, reproducible.
 
     Row i in epoch e gets the variant drawn from Random(seed, e, i) (seed = training.seed), so a rerun or
     a resumed run sees the same inputs. Only prompts change: answers and loss masks stay as they were.
@@ -236,7 +236,7 @@ class DataSection(_Section):
 
 
 class ClassificationSection(_Section):
-    """task: classification: a new head on the base that maps a text column to one label (classify.py)."""
+    """task: classification: a new head on the base that maps a text column to one label (train/classify.py)."""
 
     text_column: str = "text"
     """Column holding the text to classify (rename others with data.train[].columns)."""
@@ -249,7 +249,7 @@ class ClassificationSection(_Section):
 
 
 class EarlyStoppingSection(_Section):
-    """Validation monitoring: stop when a metric stops improving, keep the best checkpoint (controls.py)."""
+    """Validation monitoring: stop when a metric stops improving, keep the best checkpoint (train/controls.py)."""
 
     patience: int | None = Field(None, ge=1)
     """Evaluations in a row without improvement before training stops; None = early stopping off."""
@@ -308,7 +308,7 @@ class UnfreezeStep(_Section):
 
 
 class FreezeSection(_Section):
-    """Which layers train, and when (controls.py): top layers only, gradual unfreezing, per-layer rates."""
+    """Which layers train, and when: top layers only, gradual unfreezing, per-layer rates (train/controls.py)."""
 
     method: Literal["lora", "top_layers"] = "lora"
     """lora: adapters as in the lora section. top_layers: no adapter; the top `top_layers` decoder layers
@@ -679,7 +679,7 @@ def _classification_problems(cfg: RunConfig, lines: dict[tuple, int], source: st
 
 
 def _control_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:
-    """early_stopping: and freeze: against each other and the training section (model-dependent checks: controls.py)."""
+    """early_stopping: and freeze: against each other and the training section (model-dependent checks: train/controls.py)."""
     out: list[str] = []
 
     def add(loc: tuple, msg: str) -> None:

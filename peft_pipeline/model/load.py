@@ -98,7 +98,7 @@ def load_base(model: ModelSection, q: QuantizationSection, path: str | None = No
     """Load the base causal LM (quantized when configured and `quantize`).
 
     `auto_class` / `extra`: another head on the same body and its from_pretrained arguments
-    (classify.py: AutoModelForSequenceClassification with num_labels, id2label, label2id).
+    (train/classify.py: AutoModelForSequenceClassification with num_labels, id2label, label2id).
     """
     from transformers import AutoModelForCausalLM
 

@@ -8,7 +8,7 @@ Owns the `early_stopping:` and `freeze:` sections at run time, plus NEFTune on p
   param group per layer depth (discriminative rates), the `Freezer` callback that switches
   `requires_grad` per the unfreezing schedule, `EarlyStopping`, and `PackedNEFTune`.
 - `summary`: what happened, for metrics.json (stop reason, best checkpoint, trainable-count changes).
-The config sections and their static checks live in config.py; train.py only wires these in.
+The config sections and their static checks live in config.py; train/sft.py only wires these in.
 """
 
 from __future__ import annotations

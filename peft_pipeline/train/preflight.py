@@ -13,7 +13,7 @@ A rough, documented estimate (bytes), meant to catch the 10x mistakes (a 7B base
                  to their longest row), L layers, hidden size H, MLP width I, vocabulary V, a bytes
                  per value, and K = 16 H + 6 I values per token and layer: what a llama-style layer
                  keeps for backward with LoRA (norms, q/k/v, attention output, the adapters' dropout
-                 copies; gate, up and their product), the same constant train.py's automatic
+                 copies; gate, up and their product), the same formula train/sft.py's automatic
                  gradient-checkpointing switch uses; attention scores are not materialized (SDPA/flash):
                    without checkpointing  B S L K a
                    with checkpointing     B S L H a + B S K a   (layer inputs, one layer recomputed)
