@@ -13,7 +13,7 @@ from peft_pipeline.cli import main
 from peft_pipeline.config import DataSection, DataSource
 from peft_pipeline.data.build import DataReport, build_datasets, load_examples, split_holdout, tokenize_examples
 from peft_pipeline.errors import UserError
-from tests.conftest import REPO, write_jsonl
+from conftest import REPO, write_jsonl
 
 CASES = {
     "orders": dict(train=[DataSource(path=str(REPO / "data/orders/train.jsonl"))],

@@ -17,7 +17,7 @@ from peft_pipeline.data.build import build_datasets
 from peft_pipeline.data.formats import Row, normalize
 from peft_pipeline.data.template import ChatApply, render_all, tokenize
 from peft_pipeline.errors import UserError
-from tests.conftest import REPO, write_jsonl
+from conftest import REPO, decoded_runs, write_jsonl
 
 TOOLS_TEMPLATE = (REPO / "data/tools/chat_template.jinja").read_text()
 
@@ -49,18 +49,7 @@ def tok(tokenizer):
     yield t
 
 
-def trained_text(ids, labels, tokenizer) -> list[str]:
-    """The runs of consecutive trained tokens, decoded."""
-    runs, cur = [], []
-    for i, label in zip(ids, labels):
-        if label != -100:
-            cur.append(i)
-        elif cur:
-            runs.append(tokenizer.decode(cur))
-            cur = []
-    if cur:
-        runs.append(tokenizer.decode(cur))
-    return runs
+trained_text = decoded_runs
 
 
 def test_bundled_tool_data_masks_calls_and_answers_never_results(tok, tmp_path):
