@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# Data-preparation benchmark (docs/data-scale.md): generated alpaca files of 30k, 300k and 3M rows,
+# the Arrow build on 1 and 2 processes, the per-row path up to 300k rows. SIZES=30000,300000 for a shorter run.
+SIZES ?= 30000,300000,3000000
+bench-data: install
+	OMP_NUM_THREADS=1 $(BIN)/peft-pipeline bench-data --sizes $(SIZES) --procs 1,2

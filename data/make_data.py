@@ -7,6 +7,7 @@ Writes (under DIR, default: the folder this script lives in):
   chat/{train,validation}.jsonl         OpenAI `messages` rows: a multi-turn shopping-list assistant
   longtail/train.jsonl                  alpaca rows with long-tailed lengths (packing/padding benchmark)
   intents/{train,validation}.jsonl      {"text", "label"} rows: customer message -> intent (classification)
+  tools/{train,validation}.jsonl        OpenAI tool-calling rows: tools list, assistant tool_calls, tool results
 
 The output is a pure function of the seed: the committed files are what this script writes with
 the default seed, and tests/test_bundled_data.py checks that byte for byte. Each dataset draws
@@ -392,7 +393,76 @@ def make_intents(seed: int) -> dict[str, list[dict]]:
 
 # ---------------------------------------------------------------------------------------------
 
-GENERATORS = {"orders": make_orders, "chat": make_chat, "longtail": make_longtail, "intents": make_intents}
+# ---------------------------------------------------------------------------------------------
+# tools: OpenAI tool-calling conversations (tools list, assistant tool_calls, tool results)
+# ---------------------------------------------------------------------------------------------
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "convert_currency", "description": "Convert an amount between currencies.",
+        "parameters": {"type": "object", "properties": {
+            "amount": {"type": "number"}, "source": {"type": "string"}, "target": {"type": "string"}},
+            "required": ["amount", "source", "target"]}}},
+    {"type": "function", "function": {
+        "name": "lookup_order", "description": "Status of an order by its id.",
+        "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}},
+]
+TOOLS_SPLITS = {"train": 60, "validation": 10}
+CURRENCIES = ["EUR", "USD", "GBP", "JPY", "CHF"]
+ORDER_STATES = ["shipped", "packed", "out for delivery", "delivered", "waiting for stock"]
+
+
+def _call(rng: random.Random, n: int) -> tuple[str, dict, dict, str]:
+    """(user ask, call, tool result, answer) for one of the three tools."""
+    kind = rng.choice(["get_weather", "convert_currency", "lookup_order"])
+    if kind == "get_weather":
+        city, temp = rng.choice(CITIES), rng.randint(-5, 34)
+        sky = rng.choice(["sunny", "cloudy", "raining", "windy"])
+        return (f"What's the weather in {city}?", {"city": city, "unit": "celsius"},
+                {"temperature": temp, "sky": sky}, f"It is {temp} degrees C and {sky} in {city}.")
+    if kind == "convert_currency":
+        amount, (a, b) = rng.randint(5, 900), rng.sample(CURRENCIES, 2)
+        rate = round(rng.uniform(0.5, 1.6), 4)
+        return (f"How much is {amount} {a} in {b}?", {"amount": amount, "source": a, "target": b},
+                {"result": round(amount * rate, 2)}, f"{amount} {a} is {round(amount * rate, 2)} {b}.")
+    order, state = f"A{rng.randint(10000, 99999)}", rng.choice(ORDER_STATES)
+    return (f"Where is my order {order}?", {"order_id": order}, {"status": state},
+            f"Order {order} is {state}.")
+
+
+def tools_row(rng: random.Random, index: int) -> dict:
+    """One or two calls (each answered by a tool result, then a reply), or a reply with no call needed."""
+    messages: list[dict] = [{"role": "system", "content": "You are a helpful assistant with tools."}]
+    for turn in range(rng.choice([1, 1, 2])):
+        if rng.random() < 0.15:
+            messages += [{"role": "user", "content": "Thanks, that's all."},
+                         {"role": "assistant", "content": "You're welcome!"}]
+            continue
+        ask, args, result, answer = _call(rng, index)
+        call_id = f"call_{index}_{turn}"
+        name = next(t["function"]["name"] for t in TOOLS if set(args) <= set(t["function"]["parameters"]["properties"]))
+        messages += [
+            {"role": "user", "content": ask},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+                "name": name, "arguments": json.dumps(args)}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)},
+            {"role": "assistant", "content": answer},
+        ]
+    return {"tools": TOOLS, "messages": messages}
+
+
+def make_tools(seed: int) -> dict[str, list[dict]]:
+    rng = random.Random(f"{seed}:tools")
+    return {split: [tools_row(rng, i) for i in range(n)] for split, n in TOOLS_SPLITS.items()}
+
+
+GENERATORS = {"orders": make_orders, "chat": make_chat, "longtail": make_longtail, "intents": make_intents,
+              "tools": make_tools}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -119,6 +119,24 @@ def _bench(a) -> int:
     return 0
 
 
+def _prepare(a) -> int:
+    from peft_pipeline.config import load_config
+    from peft_pipeline.data.prepare import prepare
+
+    print("\n".join(prepare(load_config(a.config, a.overrides), progress=_progress(a))))
+    return 0
+
+
+def _bench_data(a) -> int:
+    from pathlib import Path
+
+    from peft_pipeline.tools.bench_data import bench_data
+
+    bench_data([int(x) for x in a.sizes.split(",")], [int(x) for x in a.procs.split(",")], a.per_row_max,
+               Path(a.out), Path(a.folder).expanduser(), a.max_length, progress=_progress(a))
+    return 0
+
+
 def _sweep(a) -> int:
     from peft_pipeline.tools.sweep import sweep
 
@@ -244,6 +262,23 @@ def _bench_args(p) -> None:
     _no_progress(p, "no per-step lines")
 
 
+def _prepare_args(p) -> None:
+    _config_args(p)
+    _no_progress(p)
+
+
+def _bench_data_args(p) -> None:
+    p.add_argument("--sizes", default="30000,300000,3000000", metavar="N,M", help="rows per generated file")
+    p.add_argument("--procs", default="1,2", metavar="A,B", help="data.num_proc values to run (default 1,2)")
+    p.add_argument("--per-row-max", type=int, default=300_000, metavar="N",
+                   help="also time the per-row path (before the Arrow build) up to this many rows (default 300000)")
+    p.add_argument("--max-length", type=int, default=2048, help="training.max_length (default 2048)")
+    p.add_argument("--out", default="docs/data-scale.md", metavar="FILE", help="Markdown report; JSON goes next to it")
+    p.add_argument("--folder", default="~/.cache/peft-pipeline/bench-data", metavar="DIR",
+                   help="where the generated files (and the caches, removed after each run) go")
+    _no_progress(p, "no per-run lines")
+
+
 def _sweep_args(p) -> None:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file: method, metric, trials, params (see configs/sweeps/)")
@@ -267,6 +302,10 @@ VERBS: dict[str, Verb] = {
                     "Exit code 0 when clean, 1 when there are warnings, 2 for config errors."),
     "report": Verb("(re)write RUN_DIR/report.md with loss and learning-rate plots and eval tables", _run_arg, _report),
     "env": Verb("versions, devices, CUDA and bitsandbytes backend, for bug reports", lambda p: None, _env),
+    "prepare": Verb("build the tokenized data cache of a config without loading the model (e.g. on a CPU node)",
+                    _prepare_args, _prepare),
+    "bench-data": Verb("time data preparation (rows/s, peak memory) at growing sizes and process counts",
+                       _bench_data_args, _bench_data),
     "bench": Verb("time training variants (defaults, plain TRL, ablations, QLoRA); write a Markdown table", _bench_args, _bench),
     "sweep": Verb("hyperparameter search (grid, random, TPE): real runs, pruning, results, best.yaml", _sweep_args, _sweep,
                   "Each trial is a training run in SWEEP_DIR/trial-NNN; re-run the same command to continue an "

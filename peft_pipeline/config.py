@@ -86,7 +86,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the repository."""
     chat_template: str | None = None
-    """None: the tokenizer's own template; 'chatml': the named fallback; or a path to a .jinja file."""
+    """None: the tokenizer's own template; 'chatml': the named fallback; a path to a .jinja file, or the Jinja text itself."""
     allow_pickle: bool = False
     """Allow loading .bin/.pt (pickle) weights. Off: safetensors only, since pickle can run code."""
 
@@ -175,6 +175,9 @@ class DataSource(_Section):
     """Row multiplier in a mixture: 0.5 keeps a seeded half, 2.0 repeats every row twice."""
     max_samples: int | None = Field(None, gt=0)
     """Keep at most this many rows (a seeded sample), applied before `weight`."""
+    streaming: bool = False
+    """Hub datasets only: read rows as they arrive instead of downloading the dataset first; with
+    max_samples, reading stops after the first max_samples rows (a stream cannot be sampled)."""
 
 
 def _as_sources(value: Any) -> Any:
@@ -226,6 +229,9 @@ class DataSection(_Section):
     """System message for rows that have none (None: the chat template's own default)."""
     cache: bool = True
     """Reuse tokenized data from the cache when files, tokenizer and settings are unchanged."""
+    num_proc: int | None = Field(None, ge=1)
+    """Processes that tokenize (null: the CPU cores this process may use, at most 8). Small data
+    (under 5,000 rows a process) uses fewer; the result is the same for any value."""
     augment: AugmentSection = AugmentSection()
     """Prompt variations during training (off by default)."""
     retention: str | None = "auto"
@@ -591,7 +597,8 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
         asked_by = ("early_stopping", "patience") if cfg.early_stopping.enabled else ("training", "eval_strategy")
         add(asked_by, "evaluation requested but there is no eval data; set data.eval or data.val_fraction")
     problems += _control_problems(cfg, lines, source)
-    if cfg.model.chat_template not in (None, "chatml") and not Path(cfg.model.chat_template).is_file():
+    if (cfg.model.chat_template not in (None, "chatml") and not Path(cfg.model.chat_template).is_file()
+            and not any(tag in cfg.model.chat_template for tag in ("{%", "{{"))):  # inline Jinja is a template too
         add(("model", "chat_template"), f"{cfg.model.chat_template!r} is neither 'chatml' nor an existing .jinja file")
     if cfg.task == "classification":
         problems += _classification_problems(cfg, lines, source)

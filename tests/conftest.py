@@ -68,6 +68,20 @@ def tiny_base(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", tokenizer)
 
 
+def decoded_runs(ids: list[int], labels: list[int], tokenizer) -> list[str]:
+    """Contiguous runs of trained tokens (label != -100), decoded."""
+    runs, cur = [], []
+    for i, label in zip(ids, labels):
+        if label != -100:
+            cur.append(i)
+        elif cur:
+            runs.append(tokenizer.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tokenizer.decode(cur))
+    return runs
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     """Write rows as JSON lines."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ FILES = {
     "orders/train.jsonl": 400, "orders/validation.jsonl": 40, "orders/test.jsonl": 40,
     "chat/train.jsonl": 80, "chat/validation.jsonl": 10, "longtail/train.jsonl": 600,
     "intents/train.jsonl": 300, "intents/validation.jsonl": 100,
+    "tools/train.jsonl": 60, "tools/validation.jsonl": 10,
 }
 ORDER_KEYS = ["customer", "item", "quantity", "city"]
 

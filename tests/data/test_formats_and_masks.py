@@ -14,7 +14,7 @@ from peft_pipeline.data.formats import Row, detect_format, normalize, read_sourc
 from peft_pipeline.data.template import CHATML_TEMPLATE, end_of_turn, render, tokenize
 from peft_pipeline.errors import UserError
 
-from conftest import write_jsonl
+from conftest import decoded_runs, write_jsonl
 
 EOT = "<|im_end|>"
 
@@ -26,17 +26,7 @@ def trained_text(example, tokenizer, train_on_prompt=False) -> str:
 
 def trained_runs(example, tokenizer) -> list[str]:
     """Contiguous runs of trained tokens, decoded: one per assistant turn."""
-    ids, labels = tokenize(render(example, tokenizer), tokenizer)
-    runs, cur = [], []
-    for i, label in zip(ids, labels):
-        if label != -100:
-            cur.append(i)
-        elif cur:
-            runs.append(tokenizer.decode(cur))
-            cur = []
-    if cur:
-        runs.append(tokenizer.decode(cur))
-    return runs
+    return decoded_runs(*tokenize(render(example, tokenizer), tokenizer), tokenizer)
 
 
 # --------------------------------------------------------------------------- formats and masks
