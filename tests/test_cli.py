@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def test_every_verb_has_a_handler_and_help():
     help_text = cli._parser().format_help()
     for name, verb in cli.VERBS.items():
         assert verb.help and callable(verb.run) and callable(verb.arguments)
-        assert f"    {name} " in help_text
+        assert re.search(rf"^    {re.escape(name)}\s", help_text, re.M)
 
 
 def test_validate_prints_the_resolved_config_and_writes_nothing(tmp_path, tiny_base):
