@@ -62,8 +62,12 @@ def check_data(cfg: RunConfig, path: str, tokenizer) -> tuple[Any, list[str], st
     return data, lines, template
 
 
-def starting_model(cfg: RunConfig, prep: Prepared, config_class, state, rows_per_example: int = 1):
-    """Base, the method's TRL config, the adapter (fresh or init_from), the preflight; shared with GRPO."""
+def starting_model(cfg: RunConfig, prep: Prepared, config_class, state, rows_per_example: int = 1,
+                   extra: dict | None = None):
+    """Base, the method's TRL config, the adapter (fresh or init_from), the preflight; shared with GRPO.
+
+    `extra`: config values the pipeline sets from other sections (GRPO's reward_weights from rewards:).
+    """
     from transformers import set_seed
 
     from peft_pipeline.model.load import load_base, parameter_counts
@@ -74,7 +78,7 @@ def starting_model(cfg: RunConfig, prep: Prepared, config_class, state, rows_per
     base = load_base(cfg.model, cfg.quantization, prep.path)
     args = method_args(cfg, config_class, base.dtype, base)
     args.setdefault("disable_tqdm", not prep.facts.get("progress", True))
-    args = build_config(config_class, args)
+    args = build_config(config_class, {**args, **(extra or {})})
     set_seed(cfg.seed)  # the same LoRA init on every rank and from one run to the next
     model, _ = controls.build_model(base, cfg, bool(args.gradient_checkpointing))
     counts = parameter_counts(model)
