@@ -29,6 +29,11 @@ from peft_pipeline.config import DataSource, RunConfig
 from peft_pipeline.data.formats import ROLES, Row, detect_format, normalize, read_source
 from peft_pipeline.errors import UserError
 
+def _error(message: str) -> UserError:
+    """A bad row or source: one line naming file:line, exit code 2 (the input needs fixing, nothing ran)."""
+    return UserError(message, exit_code=2)
+
+
 LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
                "desirable": True, "undesirable": False, "good": True, "bad": False}
 ANSWER_COLUMNS = ("answer", "expected", "reference", "solution")
@@ -46,7 +51,7 @@ def detect(columns: Iterable[str], method: str, first: dict | None = None) -> st
             return "prompts"
         return detect_format(cols, first)  # alpaca, messages, prompt_completion: the last answer is the reference
     wanted = "prompt/chosen/rejected (or prompt/completion/label for kto)"
-    raise UserError(f"cannot detect preference rows from columns {sorted(cols)}; method {method} expects {wanted}; "
+    raise _error(f"cannot detect preference rows from columns {sorted(cols)}; method {method} expects {wanted}; "
                     "rename with columns: or set format:")
 
 
@@ -56,15 +61,15 @@ def detect(columns: Iterable[str], method: str, first: dict | None = None) -> st
 def _messages(value: Any, where: str, side: str) -> list[dict]:
     """A message list checked the way SFT checks conversations (roles, string contents, nothing empty)."""
     if not value:
-        raise UserError(f"{where}: empty {side}")
+        raise _error(f"{where}: empty {side}")
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: {side}[{i}] needs 'role' and 'content'")
+            raise _error(f"{where}: {side}[{i}] needs 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise UserError(f"{where}: {side}[{i}]: unknown role '{m['role']}' (use system, user or assistant)")
+            raise _error(f"{where}: {side}[{i}]: unknown role '{m['role']}' (use system, user or assistant)")
         if not isinstance(m["content"], str) or not m["content"].strip():
-            raise UserError(f"{where}: {side}[{i}] ({m['role']}) is empty or not a string")
+            raise _error(f"{where}: {side}[{i}] ({m['role']}) is empty or not a string")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -72,14 +77,14 @@ def _messages(value: Any, where: str, side: str) -> list[dict]:
 def _side(row: Row, key: str, fmt: str) -> Any:
     value = row.data.get(key)
     if key not in row.data or value is None:
-        raise UserError(f"{row.where}: missing field '{key}' ({fmt} format)")
+        raise _error(f"{row.where}: missing field '{key}' ({fmt} format)")
     if isinstance(value, str):
         if not value.strip():
-            raise UserError(f"{row.where}: empty {key}")
+            raise _error(f"{row.where}: empty {key}")
         return value
     if isinstance(value, list):
         return _messages(value, row.where, key)
-    raise UserError(f"{row.where}: field '{key}' must be a string or a message list, got {type(value).__name__}")
+    raise _error(f"{row.where}: field '{key}' must be a string or a message list, got {type(value).__name__}")
 
 
 def _completion(prompt: Any, value: Any, where: str, side: str) -> Any:
@@ -89,7 +94,7 @@ def _completion(prompt: Any, value: Any, where: str, side: str) -> Any:
     if isinstance(prompt, list) and value[:len(prompt)] == prompt:
         value = value[len(prompt):]
     if len(value) != 1 or value[0]["role"] != "assistant":
-        raise UserError(f"{where}: {side} must be one assistant message (after the prompt's messages), "
+        raise _error(f"{where}: {side} must be one assistant message (after the prompt's messages), "
                         f"got roles {[m['role'] for m in value]}")
     return value
 
@@ -102,14 +107,14 @@ def read_pair(row: Row) -> dict[str, Any]:
     elif isinstance(chosen, list) and isinstance(rejected, list) and chosen[:-1] == rejected[:-1] and len(chosen) > 1:
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]  # TRL's implicit prompt
     else:
-        raise UserError(f"{row.where}: missing field 'prompt' (preference format; or give chosen and rejected as "
+        raise _error(f"{row.where}: missing field 'prompt' (preference format; or give chosen and rejected as "
                         "conversations that differ only in the last assistant turn)")
     if isinstance(chosen, list) != isinstance(rejected, list) or (isinstance(prompt, str) and isinstance(chosen, list)):
-        raise UserError(f"{row.where}: prompt, chosen and rejected must all be strings or all message lists")
+        raise _error(f"{row.where}: prompt, chosen and rejected must all be strings or all message lists")
     chosen = _completion(prompt, chosen, row.where, "chosen")
     rejected = _completion(prompt, rejected, row.where, "rejected")
     if _text(chosen).strip() == _text(rejected).strip():
-        raise UserError(f"{row.where}: chosen and rejected are the same answer; a pair needs two different ones "
+        raise _error(f"{row.where}: chosen and rejected are the same answer; a pair needs two different ones "
                         "(fix or drop the row)")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -124,7 +129,7 @@ def read_unpaired(row: Row) -> dict[str, Any]:
     if not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
     if not isinstance(label, bool):
-        raise UserError(f"{row.where}: label must be true (desirable) or false (undesirable), got {row.data.get('label')!r}")
+        raise _error(f"{row.where}: label must be true (desirable) or false (undesirable), got {row.data.get('label')!r}")
     return {"prompt": prompt, "completion": completion, "label": label}
 
 
@@ -134,7 +139,7 @@ def read_prompt(row: Row, fmt: str) -> dict[str, Any]:
         prompt = _side(row, "prompt", "prompts")
         answer = next((row.data[c] for c in ANSWER_COLUMNS if row.data.get(c) is not None), "")
         if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
-            raise UserError(f"{row.where}: the prompt ends with an assistant turn; end it with the user's")
+            raise _error(f"{row.where}: the prompt ends with an assistant turn; end it with the user's")
         return {"prompt": prompt, "answer": answer if isinstance(answer, str) else str(answer)}
     example = normalize(row, fmt)
     if "messages" in example:
@@ -142,7 +147,7 @@ def read_prompt(row: Row, fmt: str) -> dict[str, Any]:
         return {"prompt": msgs[:-1], "answer": msgs[-1]["content"]}
     if "prompt" in example:
         return {"prompt": example["prompt"], "answer": example["completion"]}
-    raise UserError(f"{row.where}: a text row has no prompt to generate from; method grpo needs prompts")
+    raise _error(f"{row.where}: a text row has no prompt to generate from; method grpo needs prompts")
 
 
 def _text(value: Any) -> str:
@@ -247,13 +252,16 @@ def read_rows(sources: list[DataSource], method: str, seed: int, described: list
     for src in sources:
         rows = read_source(src)
         if not rows:
-            raise UserError(f"{src.path}: no rows")
-        fmt = src.format if src.format != "auto" else detect(rows[0].data.keys(), method, rows[0].data)
+            raise _error(f"{src.path}: no rows")
+        try:
+            fmt = src.format if src.format != "auto" else detect(rows[0].data.keys(), method, rows[0].data)
+        except UserError as e:
+            raise _error(f"{src.path}: {e}") from None
         if method != "grpo" and fmt not in ("preference", "unpaired"):
-            raise UserError(f"{src.path}: format {fmt} is not preference data; method {method} needs "
+            raise _error(f"{src.path}: format {fmt} is not preference data; method {method} needs "
                             "prompt/chosen/rejected rows")
         if fmt == "unpaired" and method != "kto":
-            raise UserError(f"{src.path}: rated completions (prompt/completion/label) train with method: kto; "
+            raise _error(f"{src.path}: rated completions (prompt/completion/label) train with method: kto; "
                             f"method {method} needs prompt/chosen/rejected pairs")
         read = [read_pair(r) if fmt == "preference" else read_unpaired(r) if fmt == "unpaired" else read_prompt(r, fmt)
                 for r in rows]
@@ -298,7 +306,7 @@ def load(cfg: RunConfig, tokenizer) -> PreferenceData:
         train, evals = unpair(train, cfg.seed), unpair(evals, cfg.seed)
     kind = "prompts" if method == "grpo" else "unpaired" if method == "kto" else "pairs"
     if kind == "pairs" and any("chosen" not in r for r in train + evals):
-        raise UserError(f"method {method} trains on pairs; rated completions (prompt/completion/label) need method: kto")
+        raise _error(f"method {method} trains on pairs; rated completions (prompt/completion/label) need method: kto")
     system = data.system_prompt
     train = [render_row(r, tokenizer, system) for r in train]
     evals = [render_row(r, tokenizer, system) for r in evals]
