@@ -18,6 +18,7 @@ from typing import Any
 
 from peft_pipeline.errors import UserError
 from peft_pipeline.evaluate.generate import Prompt, Sampling, adapter_off, generate, one_line, read_prompts
+from peft_pipeline.evaluate.preference import load_pairs
 from peft_pipeline.report import metric_rows
 
 EXAMPLES_SHOWN = 3
@@ -28,16 +29,13 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
              progress: bool = True, retention: str | None = None, pairs: str | None = None) -> dict[str, Any]:
     """Evaluate the model in `path`, print a summary, write eval.json next to it; return the report.
 
-    `retention`: a retention JSONL file, or 'auto' (the run's data.retention, else the bundled set):
-    base vs adapter on general prompts (retention.py). `pairs`: held-out preference pairs to score
-    (evaluate/preference.py); a DPO/ORPO/CPO/KTO run's own held-out pairs are scored without it.
+    `retention`: a JSONL file or 'auto' (the run's data.retention, else the bundled set): base vs adapter on
+    general prompts. `pairs`: preference pairs to score (default: a DPO/ORPO/CPO/KTO run's held-out pairs).
     """
-    from peft_pipeline.evaluate.preference import load_pairs
-
     from peft_pipeline.data.template import load_tokenizer, stop_token_ids
     from peft_pipeline.model.load import load_model
-    from peft_pipeline.rundir import resolve
     from peft_pipeline.paths import write_json_atomic
+    from peft_pipeline.rundir import resolve
 
     sampling = sampling or Sampling()
     check_settings(sampling, batch_size, limit)
@@ -56,11 +54,9 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
     model = load_model(target, place_on_gpu=True)
     stop_ids = stop_token_ids(target, tokenizer)
-
     label = "adapter" if target.adapter_dir is not None else "merged"
     names = ["base", label] if compare_base else [label]
     losses, answers = score_models(model, tokenizer, names, loss_data, test, stop_ids, sampling, batch_size, progress)
-
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
     report.update(method_scores(target, model, tokenizer, names, pair_data, test, answers, batch_size, progress))
     if retention_set is not None:
