@@ -104,3 +104,18 @@ def test_cli_names_the_bad_row_in_one_line_with_exit_code_2(tmp_path, tiny_base)
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: {data}:2: chosen and rejected are the same answer; a pair needs two "
                                 "different ones (fix or drop the row)")
+
+
+def test_bundled_pairs_are_what_make_pairs_writes_and_every_row_reads(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_pairs", REPO / "data" / "make_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--out", str(tmp_path)])
+    for split in ("train", "validation", "test"):
+        committed = REPO / "data" / "orders-pairs" / f"{split}.jsonl"
+        assert (tmp_path / "orders-pairs" / f"{split}.jsonl").read_bytes() == committed.read_bytes()
+        for i, line in enumerate(committed.read_text().splitlines(), 1):
+            r = preference.read_pair(Row(json.loads(line), f"{committed}:{i}"))  # raises on a bad pair
+            assert json.loads(r["chosen"][0]["content"]) != json.loads(r["rejected"][0]["content"])
