@@ -239,20 +239,26 @@ def alpaca_user_turn(instruction: str, extra: str) -> str:
     return instruction + (f"\n\n{extra}" if extra.strip() else "")
 
 
-def _check_messages(messages: Any, where: str, system_prompt: str | None, allow_trailing_user: bool = False) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}")
+def check_turns(messages: list, where: str, name: str = "messages", exit_code: int = 1) -> list[dict]:
+    """Each turn a {role, content} with a known role and non-empty string content; errors name row and turn."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: messages[{i}] needs 'role' and 'content'")
+            raise UserError(f"{where}: {name}[{i}] needs 'role' and 'content'", exit_code)
         if m["role"] not in ROLES:
-            raise UserError(f"{where}: messages[{i}]: unknown role '{m['role']}' (use system, user or assistant)")
+            raise UserError(f"{where}: {name}[{i}]: unknown role '{m['role']}' (use system, user or assistant)", exit_code)
         if not isinstance(m["content"], str):
-            raise UserError(f"{where}: messages[{i}].content must be a string, got {type(m['content']).__name__}")
+            raise UserError(f"{where}: {name}[{i}].content must be a string, got {type(m['content']).__name__}", exit_code)
         if not m["content"].strip():
-            raise UserError(f"{where}: messages[{i}] ({m['role']}) is empty")
+            raise UserError(f"{where}: {name}[{i}] ({m['role']}) is empty", exit_code)
         out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _check_messages(messages: Any, where: str, system_prompt: str | None, allow_trailing_user: bool = False) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: messages must be a non-empty list of {{role, content}}")
+    out = check_turns(messages, where)
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: no assistant turn to learn from")
     if out[-1]["role"] != "assistant" and not allow_trailing_user:

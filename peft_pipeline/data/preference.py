@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from peft_pipeline.config import DataSource, RunConfig
-from peft_pipeline.data.formats import ROLES, Row, detect_format, normalize, read_source
+from peft_pipeline.data.formats import Row, check_turns, detect_format, normalize, read_source
 from peft_pipeline.errors import UserError
 
 def _error(message: str) -> UserError:
@@ -62,16 +62,7 @@ def _messages(value: Any, where: str, side: str) -> list[dict]:
     """A message list checked the way SFT checks conversations (roles, string contents, nothing empty)."""
     if not value:
         raise _error(f"{where}: empty {side}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _error(f"{where}: {side}[{i}] needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise _error(f"{where}: {side}[{i}]: unknown role '{m['role']}' (use system, user or assistant)")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise _error(f"{where}: {side}[{i}] ({m['role']}) is empty or not a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return check_turns(value, where, side, exit_code=2)
 
 
 def _side(row: Row, key: str, fmt: str) -> Any:
