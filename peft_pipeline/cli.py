@@ -51,7 +51,7 @@ def _eval(a) -> int:
 
     stage("eval", a.run)(a.run, data=a.data, prompts=a.prompts, compare_base=a.compare_base,
                          sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size, limit=a.limit,
-                         progress=_progress(a), retention=a.retention)
+                         progress=_progress(a), retention=a.retention, pairs=a.pairs)
     refresh_report(a.run)
     return 0
 
@@ -188,6 +188,8 @@ def _eval_args(p) -> None:
     p.add_argument("--retention", nargs="?", const="auto", metavar="FILE",
                    help="forgetting check: base vs adapter on general prompts (FILE, default the run's data.retention "
                         "or the bundled set); reports retained / lost")
+    p.add_argument("--pairs", metavar="FILE", help="held-out preference pairs (prompt/chosen/rejected): accuracy and "
+                                                   "margin of chosen over rejected (default: a DPO/ORPO/CPO/KTO run's eval pairs)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward/generate batch (default 8)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples and prompts")

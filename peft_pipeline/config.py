@@ -5,7 +5,8 @@ A config is read in three steps, none of which loads a model:
    overrides from the command line, each value parsed as a YAML scalar.
 2. `RunConfig` (pydantic): types, ranges, unknown keys with a did-you-mean.
 3. `check_semantics`: combinations that cannot work, and the `training:` section checked key by key
-   against `trl.SFTConfig` (which it maps one-to-one onto).
+   against the training method's TRL config class (`method: sft` -> trl.SFTConfig, dpo -> trl.DPOConfig,
+   ...: METHOD_CONFIGS), which it maps one-to-one onto.
 All problems from a step are gathered into one `ConfigError` (exit code 2) that names each key
 path and, where known, the YAML line.
 """
@@ -25,6 +26,20 @@ from peft_pipeline.errors import UserError
 from peft_pipeline.paths import EMBEDDED_BASE
 
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
+# Rows for the preference and RL methods (data/preference.py): pairs, unpaired rated completions, prompts.
+PREFERENCE_FORMATS = ("preference", "unpaired", "prompts")
+
+# The training methods and the TRL config class `training:` maps onto for each ("module:Class").
+# ORPO and CPO live under trl.experimental in TRL 1.x.
+METHOD_CONFIGS = {
+    "sft": "trl:SFTConfig",
+    "dpo": "trl:DPOConfig",
+    "kto": "trl:KTOConfig",
+    "orpo": "trl.experimental.orpo:ORPOConfig",
+    "cpo": "trl.experimental.cpo:CPOConfig",
+    "grpo": "trl:GRPOConfig",
+}
+PAIR_METHODS = ("dpo", "kto", "orpo", "cpo")  # trained on preference data (KTO also on unpaired rows)
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 # trl.SFTConfig fields that this pipeline sets itself from other sections; setting them under
@@ -38,6 +53,12 @@ TRAINING_OWNED = {
     "model_init_kwargs": "use the model: and quantization: sections",
     "trust_remote_code": "use model.trust_remote_code",
     "chat_template_path": "use model.chat_template",
+    "reward_weights": "set rewards[].weight",
+}
+# Fields users remember from older TRL versions, with what to do in this one.
+TRAINING_REMOVED = {
+    "max_prompt_length": "TRL 1.x has no such field; max_length caps prompt + completion (rows whose prompt alone "
+                         "fills it are dropped, and the data stage counts them)",
 }
 
 # Defaults that differ from trl.SFTConfig's, each for a reason a user would ask about.
@@ -54,6 +75,15 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "max_length": 1024,
 }
+# Of TRAINING_DEFAULTS, the keys a method's TRL config has no field for (SFT-only packing; GRPO
+# caps completions with max_completion_length and has no max_length).
+NOT_DEFAULTED = {"dpo": ("padding_free",), "kto": ("padding_free",), "orpo": ("padding_free",),
+                 "cpo": ("padding_free",), "grpo": ("padding_free", "max_length")}
+
+
+def training_defaults(method: str = "sft") -> dict[str, Any]:
+    """TRAINING_DEFAULTS that apply to this method's TRL config."""
+    return {k: v for k, v in TRAINING_DEFAULTS.items() if k not in NOT_DEFAULTED.get(method, ())}
 
 
 class ConfigError(UserError):
@@ -163,8 +193,10 @@ class DataSource(_Section):
 
     path: str
     """A .jsonl/.json/.csv/.parquet file, a `datasets.save_to_disk` directory, or a hub dataset id."""
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
-    """auto = detected from the columns."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text",
+                    "preference", "unpaired", "prompts"] = "auto"
+    """auto = detected from the columns. preference (prompt/chosen/rejected), unpaired (prompt/completion/label)
+    and prompts (prompt [+ answer]) are the rows of method: dpo/orpo/cpo/kto/grpo."""
     split: str = "train"
     """Split to read from a hub dataset or a saved DatasetDict."""
     name: str | None = None
@@ -342,12 +374,49 @@ class FreezeSection(_Section):
         return "model" if self.method == "top_layers" else "adapter"
 
 
+class RewardSpec(_Section):
+    """One GRPO reward (evaluate/rewards.py): a built-in verifiable reward, or a Python function by import path."""
+
+    kind: Literal["exact_match", "json_valid", "json_fields", "regex", "length", "python"]
+    """exact_match: 1 when the completion equals the row's answer (whitespace-trimmed); json_valid: 1 for a JSON
+    object; json_fields: 1 when it is a JSON object with the answer's keys; regex: 1 when `pattern` matches;
+    length: -(tokens over max_tokens)/max_tokens; python: `function`."""
+    weight: float = 1.0
+    """This reward's weight in the sum GRPO normalizes per prompt group (trl reward_weights)."""
+    name: str | None = None
+    """Name in the logs (rewards/<name>/mean); default: the kind, or the function's name."""
+    pattern: str | None = None
+    """regex: the pattern searched for in the completion."""
+    max_tokens: int | None = Field(None, gt=0)
+    """length: completions longer than this many tokens are penalized in proportion."""
+    function: str | None = None
+    """python: 'package.module:function' (or 'package.module.function'), called as TRL calls a reward:
+    f(prompts, completions, completion_ids, **columns) -> list[float | None]."""
+
+    @property
+    def label(self) -> str:
+        """The name logged for this reward."""
+        if self.name:
+            return self.name
+        if self.kind == "python" and self.function:
+            return re.split(r"[:.]", self.function)[-1]
+        return self.kind
+
+
 class RunConfig(_Section):
     """A whole run. YAML keys equal these field names."""
 
     task: Literal["causal_lm", "classification"] = "causal_lm"
     """causal_lm: instruction/chat fine-tuning (SFT). classification: a new sequence-classification head
     (trained in full) with LoRA on the body; see the classification section."""
+    method: Literal["sft", "dpo", "kto", "orpo", "cpo", "grpo"] = "sft"
+    """How a causal LM trains: sft (demonstrations), dpo/orpo/cpo (preference pairs), kto (pairs or rated
+    completions), grpo (prompts + rewards). `training:` maps onto the method's TRL config (METHOD_CONFIGS)."""
+    init_from: str | None = None
+    """A finished run directory whose adapter/ training starts from (e.g. an SFT run before DPO); it must
+    have been trained on the same base. For dpo/kto the reference is then that adapter, not the bare base."""
+    rewards: list[RewardSpec] = []
+    """method: grpo: the rewards each completion is scored with (see RewardSpec)."""
     model: ModelSection = ModelSection()
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
@@ -359,14 +428,15 @@ class RunConfig(_Section):
     classification: ClassificationSection = ClassificationSection()
     """Settings for task: classification (ignored otherwise)."""
     training: dict[str, Any] = {}
-    """Any trl.SFTConfig field (see TRL's docs); unset ones take TRAINING_DEFAULTS, then TRL's."""
+    """Any field of the method's TRL config (trl.SFTConfig for sft, trl.DPOConfig for dpo, ...); unset ones
+    take TRAINING_DEFAULTS (those that apply to the method), then TRL's."""
     output_dir: str = "runs/run"
     """The run directory: adapter/, config.yaml, metrics.json, log.jsonl, checkpoints/."""
 
     @property
     def sft_args(self) -> dict[str, Any]:
-        """The keyword arguments for trl.SFTConfig: our defaults under the user's values."""
-        args = {**TRAINING_DEFAULTS, **self.training, **self.early_stopping.trainer_args(self.training)}
+        """The keyword arguments for the method's TRL config (trl.SFTConfig for sft): our defaults under the user's."""
+        args = {**training_defaults(self.method), **self.training, **self.early_stopping.trainer_args(self.training)}
         args["output_dir"] = str(Path(self.output_dir) / "checkpoints")
         return args
 
@@ -389,7 +459,7 @@ class RunConfig(_Section):
     def to_yaml(self) -> str:
         """The resolved config as YAML, enough to re-run (training defaults written out)."""
         data = self.model_dump(mode="json")
-        data["training"] = {**TRAINING_DEFAULTS, **self.training}
+        data["training"] = {**training_defaults(self.method), **self.training}
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
@@ -602,7 +672,8 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
         add(("model", "chat_template"), f"{cfg.model.chat_template!r} is neither 'chatml' nor an existing .jinja file")
     if cfg.task == "classification":
         problems += _classification_problems(cfg, lines, source)
-    problems += _training_problems(cfg.training, lines, source)
+    problems += _method_problems(cfg, lines, source)
+    problems += _training_problems(cfg.training, lines, source, cfg.method)
     return problems
 
 
@@ -721,6 +792,94 @@ def _control_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> l
     return out
 
 
+# Over 50 lines by choice: one check per line, each with its fix, read as the list of what a method refuses.
+def _method_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:
+    """method:, init_from: and rewards: against each other and the other sections (no weights, no TRL import)."""
+    out: list[str] = []
+
+    def add(loc: tuple, msg: str) -> None:
+        out.append(f"{_where(lines, source, loc)}: {msg}")
+
+    m, data = cfg.method, cfg.data
+    if m != "sft" and cfg.task != "causal_lm":
+        add(("method",), f"{m} trains a causal LM; task: classification trains with method: sft only")
+    if m != "sft":
+        if cfg.freeze.active:
+            add(("freeze",), f"method {m} trains a LoRA adapter, whose disabled state is the reference model; "
+                "remove the freeze section")
+        if data.augment.enabled:
+            add(("data", "augment", "enabled"), "prompt variation applies to method: sft only; set it to false")
+        if data.train_on_prompt:
+            add(("data", "train_on_prompt"), f"method {m} scores completions only; remove it")
+        heads = [t for t in (cfg.lora.modules_to_save + (cfg.lora.target_modules if isinstance(cfg.lora.target_modules, list) else []))
+                 if t.endswith("lm_head")]
+        if heads and m in ("dpo", "kto", "grpo"):
+            add(("lora", "modules_to_save" if "lm_head" in cfg.lora.modules_to_save else "target_modules"),
+                f"TRL's {m.upper()} computes log-probs from lm_head's weight directly and refuses an adapter on it; "
+                "remove lm_head")
+        for section in ("train", "eval"):
+            for i, src in enumerate(getattr(data, section)):
+                if src.format in DATA_FORMATS[1:] and not (m == "grpo" and src.format != "text"):
+                    add(("data", section, i, "format"), f"'{src.format}' is an SFT format; method {m} reads "
+                        f"{'preference or unpaired' if m == 'kto' else 'preference' if m != 'grpo' else 'prompts'} rows "
+                        "(or format: auto)")
+    else:
+        for section in ("train", "eval"):
+            for i, src in enumerate(getattr(data, section)):
+                if src.format in PREFERENCE_FORMATS:
+                    add(("data", section, i, "format"), f"'{src.format}' rows train with method: "
+                        f"{'grpo' if src.format == 'prompts' else 'kto' if src.format == 'unpaired' else 'dpo, orpo, cpo or kto'}")
+    if m == "grpo" and not cfg.rewards:
+        add(("rewards",), "method grpo needs at least one reward, e.g. rewards: [{kind: exact_match}]")
+    if m != "grpo" and cfg.rewards:
+        add(("rewards",), f"rewards score generations for method: grpo; method {m} does not use them: remove them")
+    for i, r in enumerate(cfg.rewards):
+        if r.kind == "regex":
+            if not r.pattern:
+                add(("rewards", i, "pattern"), "a regex reward needs pattern: '...'")
+            else:
+                try:
+                    re.compile(r.pattern)
+                except re.error as e:
+                    add(("rewards", i, "pattern"), f"not a valid regular expression ({e})")
+        if r.kind == "length" and r.max_tokens is None:
+            add(("rewards", i, "max_tokens"), "a length reward needs max_tokens: N (longer completions are penalized)")
+        if r.kind == "python" and not r.function:
+            add(("rewards", i, "function"), "a python reward needs function: 'package.module:function'")
+    labels = [r.label for r in cfg.rewards]
+    for dup in sorted({x for x in labels if labels.count(x) > 1}):
+        add(("rewards",), f"two rewards are named {dup!r}; give one a name: so their logs stay apart")
+    if m == "kto" and int(cfg.training.get("per_device_train_batch_size", 8)) < 2:
+        add(("training", "per_device_train_batch_size"), "KTO estimates its KL term from the other rows of a batch; "
+            "use 2 or more")
+    if cfg.init_from is not None:
+        out += _init_from_problems(cfg, lines, source)
+    return out
+
+
+def _init_from_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:
+    """init_from must be a finished run (adapter/) on the same base, and not the run being written."""
+    where = _where(lines, source, ("init_from",))
+    run = Path(cfg.init_from).expanduser()
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        return [f"{where}: {cfg.init_from} holds no adapter/adapter_config.json; give a finished run directory"]
+    if run.resolve() == Path(cfg.output_dir).expanduser().resolve():
+        return [f"{where}: is this run's own output_dir; start from another run"]
+    if cfg.freeze.method != "lora" or cfg.task != "causal_lm":
+        return [f"{where}: starts a LoRA adapter for a causal LM; remove it with freeze.method top_layers or classification"]
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return [f"{where}: {run}/config.yaml is missing or unreadable; cannot tell which base it was trained on"]
+    theirs = (saved.get("model") or {}).get("name", EMBEDDED_BASE)
+    if theirs != cfg.model.name:
+        return [f"{where}: {run} was trained on model.name {theirs!r}, this run uses {cfg.model.name!r}; "
+                "use the same base"]
+    if (saved.get("task") or "causal_lm") != "causal_lm":
+        return [f"{where}: {run} is a classification run; start from a causal-LM run"]
+    return []
+
+
 def _plain(value: Any) -> Any:
     """A training value as comparable text: enums and their strings ('IntervalStrategy.STEPS' -> 'steps')."""
     if isinstance(value, bool) or isinstance(value, (int, float)):
@@ -733,29 +892,42 @@ def _looks_local(path: str) -> bool:
     return p.suffix in LOCAL_DATA_SUFFIXES or path.startswith((".", "/", "~")) or p.exists()
 
 
-def sft_config_fields() -> dict[str, Any]:
-    """trl.SFTConfig's fields by name (imports trl, hence torch: call only when validating)."""
+def method_config_class(method: str = "sft"):
+    """The TRL config class `training:` maps onto for this method (imports trl, hence torch)."""
+    import importlib
+    import os
+
+    module, name = METHOD_CONFIGS[method].split(":")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO/CPO: we know they are experimental
+    return getattr(importlib.import_module(module), name)
+
+
+def sft_config_fields(method: str = "sft") -> dict[str, Any]:
+    """The method's TRL config fields by name (trl.SFTConfig's for sft; imports trl: call only when validating)."""
     import dataclasses
 
-    from trl import SFTConfig
-
-    return {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+    return {f.name: f for f in dataclasses.fields(method_config_class(method)) if f.init}
 
 
-def _training_problems(training: dict[str, Any], lines: dict[tuple, int], source: str) -> list[str]:
+def _training_problems(training: dict[str, Any], lines: dict[tuple, int], source: str, method: str = "sft") -> list[str]:
     from pydantic import TypeAdapter
 
     problems = []
-    fields = sft_config_fields()
+    fields = sft_config_fields(method)
+    cls = METHOD_CONFIGS[method].replace(":", ".")
     for key, value in training.items():
         where = _where(lines, source, ("training", key))
         if key in TRAINING_OWNED:
             problems.append(f"{where}: set by the pipeline; {TRAINING_OWNED[key]}")
             continue
+        if key in TRAINING_REMOVED and key not in fields:
+            problems.append(f"{where}: {TRAINING_REMOVED[key]}")
+            continue
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]}?)" if close else " (see trl.SFTConfig / transformers.TrainingArguments)"
-            problems.append(f"{where}: not a trl.SFTConfig field{hint}")
+            hint = f" (did you mean {close[0]}?)" if close else f" (see {cls} / transformers.TrainingArguments)"
+            named = f" (method: {method})" if method != "sft" else ""
+            problems.append(f"{where}: not a {cls} field{named}{hint}")
             continue
         annotation = fields[key].type
         if isinstance(annotation, str):

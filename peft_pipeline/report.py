@@ -258,6 +258,13 @@ def metric_rows(report: dict) -> list[tuple[str, list[float | None]]]:
         per_model = [dict(_flatten(report["generation"]["metrics"][n])) for n in names]
         for key in per_model[0]:
             rows.append((key, [m.get(key) for m in per_model]))
+    if "rewards" in report:  # a GRPO run's rewards on its test generations
+        keys = sorted({k for n in names for k in report["rewards"][n]} - {"reward"})
+        rows.append(("reward (weighted sum)", [report["rewards"][n].get("reward") for n in names]))
+        rows += [(f"reward: {k}", [report["rewards"][n].get(k) for n in names]) for k in keys]
+    if "preference" in report:  # held-out pairs: chosen scored above rejected
+        for key in ("accuracy", "margin", "reward_accuracy", "reward_margin"):
+            rows.append((f"pairs: {key}", [report["preference"].get(n, {}).get(key) for n in names]))
     return rows
 
 

@@ -1,6 +1,7 @@
 """Tasks (causal_lm, classification): chosen once, here, from the config or the run dir; no stage re-checks them.
 
-- `method_for(cfg)`: the training method train/loop.py runs for a config (SFT, or a classification head).
+- `method_for(cfg)`: the training method train/loop.py runs for a config (SFT, DPO/KTO/ORPO/CPO, GRPO,
+  or a classification head).
 - `stage(verb, path)`: the function that serves a later verb on a run dir, adapter dir or merged dir,
   for that run's task, or a one-line usage error where the verb does not apply to it.
 Stages are named by import path so that choosing one imports nothing heavy.
@@ -34,11 +35,19 @@ CLASSIFICATION: dict[str, str | tuple[str, str]] = {
 
 
 def method_for(cfg):
-    """The training method for this config's task (train/sft.py or train/classify.py)."""
+    """The training method for this config's task and method: (train/sft.py, classify.py, preference.py, grpo.py)."""
     if cfg.task == "classification":
         from peft_pipeline.train.classify import Classification
 
         return Classification()
+    if cfg.method == "grpo":
+        from peft_pipeline.train.grpo import GRPO
+
+        return GRPO()
+    if cfg.method != "sft":
+        from peft_pipeline.train.preference import Preference
+
+        return Preference(cfg.method)
     from peft_pipeline.train.sft import SFT
 
     return SFT()

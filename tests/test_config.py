@@ -25,9 +25,15 @@ def write_cfg(tmp_path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_bundled_config_validates(path, monkeypatch):
+def test_every_bundled_config_validates(path, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # configs name data files relative to the repo root
-    cfg = load_config(path)
+    overrides = []
+    if "\ninit_from:" in path.read_text():  # a run to start from: a finished one on the same base, made here
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+        (tmp_path / "config.yaml").write_text("model: {name: smollm2-135m-instruct}\n")
+        overrides = [f"init_from={tmp_path}"]
+    cfg = load_config(path, overrides)
     assert cfg.data.train, "every bundled config trains on something"
     head = path.read_text().splitlines()[:3]
     assert head[0].startswith("#"), "configs start with a comment block saying what they train and how to run"
@@ -152,3 +158,32 @@ def test_sources_shorthand_accepts_strings_and_lists(train_file):
     cfg = config_from_dict({"data": {"train": [str(train_file), {"path": str(train_file), "weight": 0.5}]}})
     assert [s.weight for s in cfg.data.train] == [1.0, 0.5]
     assert isinstance(cfg, RunConfig)
+
+
+def test_training_is_checked_against_the_methods_trl_config_every_problem_at_once(tmp_path, train_file):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    other = tmp_path / "other"
+    (other / "adapter").mkdir(parents=True)
+    (other / "adapter" / "adapter_config.json").write_text("{}")
+    (other / "config.yaml").write_text("model: {name: HuggingFaceTB/SmolLM2-360M-Instruct}\n")
+    text = (f"method: kto\ninit_from: {other}\ndata:\n  train: {pairs}\nrewards: [{{kind: exact_match}}]\n"
+            "training:\n  beta: 0.2\n  max_prompt_length: 64\n  packing: true\n  per_device_train_batch_size: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(write_cfg(tmp_path, text))
+    msg = str(e.value)
+    assert "training.packing (line 9): not a trl.KTOConfig field (method: kto)" in msg
+    assert "training.max_prompt_length (line 8): TRL 1.x has no such field" in msg
+    assert "training.per_device_train_batch_size (line 10): KTO estimates its KL term" in msg
+    assert "rewards (line 5): rewards score generations for method: grpo" in msg
+    assert f"init_from (line 2): {other} was trained on model.name 'HuggingFaceTB/SmolLM2-360M-Instruct'" in msg
+    assert "beta" not in msg  # a KTOConfig field
+
+
+def test_grpo_needs_a_reward_and_the_saved_config_reloads(tmp_path, train_file):
+    with pytest.raises(ConfigError, match="method grpo needs at least one reward"):
+        load_config(write_cfg(tmp_path, f"method: grpo\ndata:\n  train: {train_file}\n"))
+    cfg = load_config(write_cfg(tmp_path, f"method: grpo\ndata:\n  train: {train_file}\nrewards: [{{kind: json_valid}}]\n"))
+    assert "max_length" not in cfg.sft_args and "padding_free" not in cfg.sft_args  # no such GRPOConfig fields
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again.sft_args == cfg.sft_args and again.rewards == cfg.rewards

@@ -229,6 +229,22 @@ def alpaca_user_turn(instruction: str, extra: str) -> str:
     return instruction + (f"\n\n{extra}" if extra.strip() else "")
 
 
+def check_turns(messages: list, where: str, name: str = "messages", exit_code: int = 1) -> list[dict]:
+    """Each turn a {role, content} with a known role and non-empty string content; errors name row and turn."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: {name}[{i}] needs 'role' and 'content'", exit_code)
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: {name}[{i}]: unknown role '{m['role']}' (use system, user or assistant)", exit_code)
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: {name}[{i}].content must be a string, got {type(m['content']).__name__}", exit_code)
+        if not m["content"].strip():
+            raise UserError(f"{where}: {name}[{i}] ({m['role']}) is empty", exit_code)
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
 def _check_messages(messages: Any, where: str, system_prompt: str | None, allow_trailing_user: bool = False,
                     tools: list[dict] | None = None) -> list[dict]:
     if not isinstance(messages, list) or not messages:

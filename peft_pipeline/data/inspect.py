@@ -56,8 +56,10 @@ def inspect(cfg: RunConfig, n: int = 3, plain: bool = False, png: str | None = N
     if n < 0:
         raise UserError(f"--n: must be 0 or more, got {n}", exit_code=2)
     out = out or sys.stdout
-    ins, tokenizer = collect(cfg, n, progress)
     color = not plain and out.isatty() and "NO_COLOR" not in os.environ
+    if cfg.method != "sft":
+        return inspect_preference(cfg, n, color, out)
+    ins, tokenizer = collect(cfg, n, progress)
     print_inspection(ins, tokenizer, color, out)
     if png:
         path = write_histogram_png(ins.lengths, png, ins.max_length)
@@ -89,6 +91,41 @@ def collect(cfg: RunConfig, n: int, progress: bool = False):
         augmented=augmented_examples(train_ds, n),
     )
     return ins, tokenizer
+
+
+def inspect_preference(cfg: RunConfig, n: int, color: bool, out) -> int:
+    """Pairs (or rated completions, or prompts) rendered with the chat template, the scored tokens marked.
+
+    The ids are those TRL trains on (data.preference.pair_ids): the prompt unmarked, each completion
+    marked, ending in the end-of-turn token. Returns 1 when a completion does not end with a stop token.
+    """
+    from peft_pipeline.data import preference
+    from peft_pipeline.data.template import end_of_turn, ensure_chat_template, load_tokenizer, stop_ids
+    from peft_pipeline.paths import resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model)
+    template = ensure_chat_template(tokenizer, cfg.model.chat_template)
+    data = preference.load(cfg, tokenizer)
+    stops = set(stop_ids(tokenizer))
+    mark = mark_ansi if color else mark_plain
+    for line in [*data.lines(), f"chat template: {template}; end of turn: {end_of_turn(tokenizer)!r}"]:
+        print(line, file=out)
+    unstopped = 0
+    for r in data.train[:n]:
+        sides = [(s, r[s]) for s in ("chosen", "rejected", "completion") if s in r]
+        if not sides:  # GRPO: the prompt the policy completes, and the reference its rewards compare with
+            print(f"\n--- {r['where']} (prompt; reference answer: {r['answer']!r})\n{r['prompt']}", file=out)
+            continue
+        p, completions = preference.pair_ids(tokenizer, r["prompt"], [text for _, text in sides])
+        for (side, _), c in zip(sides, completions):
+            label = f"{side}, {'desirable' if r['label'] else 'undesirable'}" if side == "completion" else side
+            print(f"\n--- {r['where']} ({label}: {len(c)} scored tokens)", file=out)
+            print(mark(p + c, [-100] * len(p) + c, tokenizer), file=out)
+            unstopped += not c or c[-1] not in stops
+    if unstopped:
+        print(f"\nwarning: {unstopped} completions do not end with a stop token; the model would not learn to stop",
+              file=out)
+    return 1 if unstopped else 0
 
 
 def augmented_examples(train_ds, n: int, epochs: tuple[int, ...] = (0, 1)) -> list[tuple[str, list[int], list[int]]]:

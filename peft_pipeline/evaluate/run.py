@@ -18,6 +18,7 @@ from typing import Any
 
 from peft_pipeline.errors import UserError
 from peft_pipeline.evaluate.generate import Prompt, Sampling, adapter_off, generate, one_line, read_prompts
+from peft_pipeline.evaluate.preference import load_pairs
 from peft_pipeline.report import metric_rows
 
 EXAMPLES_SHOWN = 3
@@ -25,16 +26,16 @@ EXAMPLES_SHOWN = 3
 
 def evaluate(path: str | Path, data: str | None = None, prompts: str | None = None, compare_base: bool = False,
              sampling: Sampling | None = None, batch_size: int = 8, limit: int | None = None,
-             progress: bool = True, retention: str | None = None) -> dict[str, Any]:
+             progress: bool = True, retention: str | None = None, pairs: str | None = None) -> dict[str, Any]:
     """Evaluate the model in `path`, print a summary, write eval.json next to it; return the report.
 
-    `retention`: a retention JSONL file, or 'auto' (the run's data.retention, else the bundled set):
-    base vs adapter on general prompts (retention.py).
+    `retention`: a JSONL file or 'auto' (the run's data.retention, else the bundled set): base vs adapter on
+    general prompts. `pairs`: preference pairs to score (default: a DPO/ORPO/CPO/KTO run's held-out pairs).
     """
     from peft_pipeline.data.template import load_tokenizer, stop_token_ids
     from peft_pipeline.model.load import load_model
-    from peft_pipeline.rundir import resolve
     from peft_pipeline.paths import write_json_atomic
+    from peft_pipeline.rundir import resolve
 
     sampling = sampling or Sampling()
     check_settings(sampling, batch_size, limit)
@@ -47,17 +48,17 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     test = load_test_prompts(target, prompts, limit)
     loss_data = load_loss_data(target, tokenizer, data, limit, progress)
     retention_set = load_retention(target, retention, path)
-    if test is None and loss_data is None and retention_set is None:
+    pair_data = load_pairs(target, pairs, limit)
+    if test is None and loss_data is None and retention_set is None and pair_data is None:
         raise UserError(f"{path}: nothing to evaluate: the run config sets neither data.eval/val_fraction nor "
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
     model = load_model(target, place_on_gpu=True)
     stop_ids = stop_token_ids(target, tokenizer)
-
     label = "adapter" if target.adapter_dir is not None else "merged"
     names = ["base", label] if compare_base else [label]
     losses, answers = score_models(model, tokenizer, names, loss_data, test, stop_ids, sampling, batch_size, progress)
-
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
+    report.update(method_scores(target, model, tokenizer, names, pair_data, test, answers, batch_size, progress))
     if retention_set is not None:
         from peft_pipeline.evaluate.retention import check
 
@@ -88,6 +89,25 @@ def score_models(model, tokenizer, names: list[str], loss_data, test, stop_ids, 
                 answers[name] = generate(model, tokenizer, test["prompts"], stop_ids, sampling, batch_size,
                                          progress, desc=f"Generating ({name})")
     return losses, answers
+
+
+def method_scores(target, model, tokenizer, names, pair_data, test, answers, batch_size: int, progress: bool) -> dict:
+    """Preference accuracy/margin on held-out pairs, and a GRPO run's rewards on its test generations."""
+    out: dict[str, Any] = {}
+    cfg = target.config
+    system = cfg.data.system_prompt if cfg is not None else None
+    if pair_data is not None:
+        from peft_pipeline.evaluate.preference import score_models as score_pairs
+
+        out["preference"] = score_pairs(model, tokenizer, names, pair_data, system, batch_size, progress)
+    if test is not None and cfg is not None and cfg.method == "grpo" and cfg.rewards:
+        from peft_pipeline.evaluate.rewards import score as reward_scores
+
+        prompts = [p.as_json() for p in test["prompts"]]
+        refs = [p.expected or "" for p in test["prompts"]]
+        out["rewards"] = {name: reward_scores(cfg.rewards, prompts, [a.text for a in answers[name]],
+                                              [a.token_ids for a in answers[name]], refs) for name in names}
+    return out
 
 
 def check_settings(sampling: Sampling, batch_size: int, limit: int | None) -> None:
@@ -140,6 +160,8 @@ def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progr
     from peft_pipeline.config import DataSection, DataSource
 
     cfg = target.config
+    if data is None and cfg is not None and cfg.method != "sft":
+        return None  # a preference or GRPO run's data are pairs or prompts: scored by method_scores
     settings = cfg.data if cfg is not None else DataSection()
     max_length = cfg.max_length if cfg is not None else None
     seed = cfg.seed if cfg is not None else 42

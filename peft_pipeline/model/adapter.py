@@ -92,3 +92,22 @@ def attach_adapter(base, lora: LoraSection, quantized: bool, gradient_checkpoint
         elif gradient_checkpointing:
             base.enable_input_require_grads()
         return get_peft_model(base, lora_config(lora, base))
+
+
+def resume_adapter(base, run_dir: str, quantized: bool, gradient_checkpointing: bool = False):
+    """A finished run's adapter (`init_from`) on the base, trainable, under the name "default".
+
+    TRL's DPO/KTO find the adapter to train by that name and copy it into a frozen "ref" adapter: the
+    reference model is then the starting adapter (e.g. the SFT policy), not the bare base. The run's
+    lora: section does not apply: rank and targets are the saved adapter's.
+    """
+    from pathlib import Path
+
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    with library_deprecations_quiet():
+        if quantized:
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing)
+        elif gradient_checkpointing:
+            base.enable_input_require_grads()
+        return PeftModel.from_pretrained(base, str(Path(run_dir).expanduser() / "adapter"), is_trainable=True)

@@ -123,6 +123,10 @@ def build_model(base, cfg, gradient_checkpointing: bool):
     """The model to train and its Plan (None when no freeze control is set)."""
     from peft_pipeline.model.adapter import attach_adapter
 
+    if cfg.init_from is not None:  # config.py refused it with freeze controls
+        from peft_pipeline.model.adapter import resume_adapter
+
+        return resume_adapter(base, cfg.init_from, cfg.quantization.mode != "none", gradient_checkpointing), None
     if cfg.freeze.method == "lora":
         model = attach_adapter(base, cfg.lora, cfg.quantization.mode != "none", gradient_checkpointing)
     else:

@@ -168,7 +168,12 @@ def save_adapter(model, tokenizer, target: Path, state_dict: dict | None = None)
     from peft_pipeline.paths import atomic_dir
 
     stop = stop_ids(tokenizer)
+    kwargs = {}
+    if len(getattr(model, "peft_config", {})) > 1:
+        # TRL's DPO/KTO (and GRPO with beta > 0) add a frozen "ref" adapter, a copy of the starting one,
+        # as the reference model; only the trained "default" is the run's adapter.
+        kwargs["selected_adapters"] = ["default"]
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, **kwargs)
         tokenizer.save_pretrained(tmp)
         GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(tmp)

@@ -181,21 +181,25 @@ def sharded(args) -> bool:
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
-def preflight(cfg, model, args, n_examples: int, longest: int | None, world: int = 1) -> tuple[dict, list[str]]:
+def preflight(cfg, model, args, n_examples: int, longest: int | None, world: int = 1,
+              sequences_per_row: int = 1) -> tuple[dict, list[str]]:
     """Estimate, compare to the device, and return (record for metrics.json, lines to print).
 
+    `sequences_per_row`: 2 for preference pairs (chosen and rejected run in one batch).
     Raises UserError, naming the numbers and the knobs, when the estimate is over REFUSE_RATIO x the device.
     """
     import torch
 
-    seq = min(x for x in (args.max_length, longest) if x) if (args.max_length or longest) else 1024
-    est = estimate(model, args.per_device_train_batch_size, seq, bool(args.gradient_checkpointing),
+    cap = getattr(args, "max_length", None)  # GRPO's config has none (prompt + max_completion_length)
+    seq = min(x for x in (cap, longest) if x) if (cap or longest) else 1024
+    rows = args.per_device_train_batch_size * sequences_per_row
+    est = estimate(model, rows, seq, bool(args.gradient_checkpointing),
                    cfg.quantization.mode, cfg.quantization.double_quant, on_gpu=torch.cuda.is_available())
     if world > 1 and sharded(args):  # FSDP / ZeRO-3 split weights and optimizer states over the processes
         est.weights, est.adapter = est.weights // world, est.adapter // world
     est.device, est.device_bytes = device_memory()
     accumulation = args.gradient_accumulation_steps
-    tokens = args.per_device_train_batch_size * seq * accumulation * world
+    tokens = rows * seq * accumulation * world
     steps = total_steps(n_examples, args.per_device_train_batch_size, accumulation, world, args.max_steps,
                         args.num_train_epochs)
     record = {**est.as_dict(), "tokens_per_step_max": tokens, "total_steps": steps}
@@ -205,7 +209,7 @@ def preflight(cfg, model, args, n_examples: int, longest: int | None, world: int
         f"{_gib(est.weights)}, adapter+grads+Adam {_gib(est.adapter)}, activations {_gib(est.activations)} "
         f"(batch {est.batch_size} x {seq} tokens; {_gib(est.activations_other)} with gradient checkpointing "
         f"{'off' if est.gradient_checkpointing else 'on'})",
-        f"preflight: at most {tokens:,} tokens per optimizer step ({args.per_device_train_batch_size} x {seq} x "
+        f"preflight: at most {tokens:,} tokens per optimizer step ({rows} x {seq} x "
         f"{accumulation} accumulation x {world} processes), {steps:,} steps",
     ]
     if est.total > REFUSE_RATIO * est.device_bytes and os.environ.get("PEFT_PIPELINE_SKIP_PREFLIGHT") != "1":

@@ -14,7 +14,6 @@ from typing import Any
 
 from peft_pipeline.config import RunConfig
 from peft_pipeline.console import library_deprecations_quiet, say
-from peft_pipeline.errors import UserError
 from peft_pipeline.train import hardware
 from peft_pipeline.train.prepared import Prepared
 
@@ -105,16 +104,7 @@ def make_sft_config(cfg: RunConfig, dtype, model=None):
     on_gpu = torch.cuda.is_available()
     hardware.hardware_defaults(cfg, args, dtype)
     args.setdefault("use_liger_kernel", on_gpu and hardware.liger_available())
-    if "gradient_checkpointing" not in args and "activation_checkpointing" not in args:
-        # TRL's default is on; ours is "only when memory needs it". transformers >= 5.2x renamed the
-        # field activation_checkpointing (the old name warns); args.gradient_checkpointing mirrors it.
-        import dataclasses
-
-        from peft_pipeline.train.preflight import needs_gradient_checkpointing
-
-        name = "activation_checkpointing" if any(f.name == "activation_checkpointing" for f in dataclasses.fields(SFTConfig)) \
-            else "gradient_checkpointing"
-        args[name] = on_gpu and model is not None and needs_gradient_checkpointing(args, model)
+    hardware.checkpointing_default(args, SFTConfig, model)
     padding_free = args.get("padding_free") and not args.get("packing")
     if padding_free:
         # The data stage already dropped or cut rows longer than max_length; TRL refuses padding-free
@@ -127,10 +117,7 @@ def make_sft_config(cfg: RunConfig, dtype, model=None):
         # TRL's preparation maps the dataset, which would bake one variant in; the data stage already
         # tokenized, masked and length-checked every row (augment.py).
         args["dataset_kwargs"] = {"skip_prepare_dataset": True}
-    try:
-        return SFTConfig(**args)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"training: {str(e).splitlines()[0]}", exit_code=2) from None
+    return hardware.build_config(SFTConfig, args)
 
 
 def make_trainer(args, model, tokenizer, train_ds, eval_ds):
