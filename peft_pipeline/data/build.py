@@ -122,6 +122,9 @@ def tokenize_examples(examples: list[dict], tokenizer, settings: DataSection, ma
 
 
 KEPT, TRUNCATED, DROPPED_OVERLONG, DROPPED_NO_LOSS = 0, 1, 2, 3  # what fit() did with a sequence
+# Cut to max_length and then left with no token to learn from (the answer was past the cut): counted
+# as truncated and as dropped, as the report has always counted it.
+TRUNCATED_NO_LOSS = 4
 
 
 def precut(rendered: Rendered, limit: int | None, overlong: str) -> tuple[Rendered | None, bool]:
@@ -147,16 +150,16 @@ def fit(rendered: Rendered | None, ids: list[int], labels: list[int], cut: bool,
             return DROPPED_OVERLONG, [], []
         ids, labels, status = ids[:max_length], labels[:max_length], TRUNCATED
     if all(label == -100 for label in labels):
-        return DROPPED_NO_LOSS, [], []
+        return (TRUNCATED_NO_LOSS if status == TRUNCATED else DROPPED_NO_LOSS), [], []
     return status, ids, labels
 
 
 def _count(report: "DataReport", status: int) -> bool:
     """Count a sequence's fate in the report; True when it was dropped."""
-    report.truncated += status == TRUNCATED
+    report.truncated += status in (TRUNCATED, TRUNCATED_NO_LOSS)
     report.dropped_overlong += status == DROPPED_OVERLONG
-    report.dropped_no_loss += status == DROPPED_NO_LOSS
-    return status in (DROPPED_OVERLONG, DROPPED_NO_LOSS)
+    report.dropped_no_loss += status in (DROPPED_NO_LOSS, TRUNCATED_NO_LOSS)
+    return status in (DROPPED_OVERLONG, DROPPED_NO_LOSS, TRUNCATED_NO_LOSS)
 
 
 def example_key(ex: dict, part: int = 0) -> int:
@@ -501,9 +504,9 @@ def _tally(prepared, report: DataReport, tokenizer, max_length) -> None:
         keys.append(b["_key"][train & kept])
         trained += int(b["_trained"][train & kept].sum())
     status = np.concatenate(statuses) if statuses else np.zeros(0, np.int8)
-    report.truncated = int((status == TRUNCATED).sum())
+    report.truncated = int(((status == TRUNCATED) | (status == TRUNCATED_NO_LOSS)).sum())
     report.dropped_overlong = int((status == DROPPED_OVERLONG).sum())
-    report.dropped_no_loss = int((status == DROPPED_NO_LOSS).sum())
+    report.dropped_no_loss = int(((status == DROPPED_NO_LOSS) | (status == TRUNCATED_NO_LOSS)).sum())
     lengths_all = np.sort(np.concatenate(lengths)) if lengths else np.zeros(0, np.int32)
     if not len(lengths_all):
         _nothing_left(report, np.concatenate(fulls) if fulls else np.zeros(0, np.int32), tokenizer, max_length)

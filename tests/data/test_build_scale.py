@@ -76,3 +76,16 @@ def test_prepare_builds_the_cache_train_will_use(tmp_path, tiny_base, capsys, mo
     assert "dropped: 0 over max_length, 0 with nothing to learn" in out
     assert main(["prepare", str(cfg), "--no-progress"]) == 0
     assert "cache: hit " in capsys.readouterr().out
+
+
+def test_a_row_cut_before_its_answer_counts_as_truncated_and_as_dropped():
+    from peft_pipeline.data.build import DataReport, Rendered, _count, fit
+
+    rendered = Rendered("x" * 20, [(15, 20)], True)
+    status, ids, labels = fit(rendered, list(range(10)), [-100] * 8 + [8, 9], False, 4, "truncate")
+    report = DataReport()
+    assert _count(report, status) and (ids, labels) == ([], [])
+    assert (report.truncated, report.dropped_no_loss, report.dropped_overlong) == (1, 1, 0)
+    status, ids, labels = fit(rendered, list(range(10)), [-100] * 10, False, None, "truncate")
+    report = DataReport()
+    assert _count(report, status) and (report.truncated, report.dropped_no_loss) == (0, 1)
