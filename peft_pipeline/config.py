@@ -377,9 +377,10 @@ class FreezeSection(_Section):
 class RewardSpec(_Section):
     """One GRPO reward (evaluate/rewards.py): a built-in verifiable reward, or a Python function by import path."""
 
-    kind: Literal["exact_match", "json_valid", "json_fields", "regex", "length", "python"]
+    kind: Literal["exact_match", "json_valid", "json_fields", "json_values", "regex", "length", "python"]
     """exact_match: 1 when the completion equals the row's answer (whitespace-trimmed); json_valid: 1 for a JSON
-    object; json_fields: 1 when it is a JSON object with the answer's keys; regex: 1 when `pattern` matches;
+    object; json_fields: 1 when it is a JSON object with the answer's keys; json_values: the share of the answer's
+    fields whose value it gets right (partial credit); regex: 1 when `pattern` matches;
     length: -(tokens over max_tokens)/max_tokens; python: `function`."""
     weight: float = 1.0
     """This reward's weight in the sum GRPO normalizes per prompt group (trl reward_weights)."""

@@ -11,6 +11,7 @@ Built-ins (evaluate/metrics.py does the parsing and comparing, as for generation
   exact_match  1.0 when the completion equals the answer (surrounding whitespace ignored), else 0.0
   json_valid   1.0 when the completion parses as a JSON object
   json_fields  1.0 when it is a JSON object with exactly the answer's keys (values not compared)
+  json_values  the share of the answer's fields the JSON object gets right (partial credit: 0.75 for 3 of 4)
   regex        1.0 when `pattern` is found in the completion
   length       -(tokens over max_tokens) / max_tokens: 0 up to max_tokens, more negative past it
 """
@@ -57,6 +58,26 @@ def json_fields(completions, answers) -> list[float | None]:
     return out
 
 
+def json_values(completions, answers) -> list[float | None]:
+    """Share of the reference object's fields with an equal value; 0.0 for no object; None where the reference is not JSON.
+
+    Partial credit: after SFT nearly every completion is JSON with the right keys (json_fields 1.0 for all),
+    so within a GRPO group only the values can tell a better sample from a worse one.
+    """
+    from peft_pipeline.evaluate.metrics import _json_equal, parse_json
+
+    out: list[float | None] = []
+    for c, a in zip(completions, answers):
+        want, got = parse_json(a), parse_json(completion_text(c))
+        if not isinstance(want, dict) or not want:
+            out.append(None)
+        elif not isinstance(got, dict):
+            out.append(0.0)
+        else:
+            out.append(sum(k in got and _json_equal(got[k], v) for k, v in want.items()) / len(want))
+    return out
+
+
 def build(spec: RewardSpec, where: str = "rewards") -> Callable:
     """The reward function for one spec, named by its label (user functions imported: a bad path is one line)."""
     kind = spec.kind
@@ -71,6 +92,9 @@ def build(spec: RewardSpec, where: str = "rewards") -> Callable:
     elif kind == "json_fields":
         def fn(prompts, completions, completion_ids=None, **kw):
             return json_fields(completions, _answers(kw, len(completions)))
+    elif kind == "json_values":
+        def fn(prompts, completions, completion_ids=None, **kw):
+            return json_values(completions, _answers(kw, len(completions)))
     elif kind == "regex":
         pattern = re.compile(spec.pattern or "")
 

@@ -119,3 +119,26 @@ def test_bundled_pairs_are_what_make_pairs_writes_and_every_row_reads(tmp_path):
         for i, line in enumerate(committed.read_text().splitlines(), 1):
             r = preference.read_pair(Row(json.loads(line), f"{committed}:{i}"))  # raises on a bad pair
             assert json.loads(r["chosen"][0]["content"]) != json.loads(r["rejected"][0]["content"])
+
+
+def test_onpolicy_pairs_keep_only_wrong_answers_once_and_every_committed_row_reads():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_onpolicy_pairs", REPO / "data" / "make_onpolicy_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ref = '{"customer": "Mei Ito", "item": "mugs", "quantity": 3, "city": "Oslo"}'
+    prompt = [{"role": "user", "content": "Extract..."}]
+    records = [{"where": "o.jsonl:1", "prompt": prompt, "completion": f" {ref}\n", "expected": ref},  # right: dropped
+               {"where": "o.jsonl:2", "prompt": prompt, "completion": ref.replace("Mei Ito", "Mei"), "expected": ref},
+               {"where": "o.jsonl:2", "prompt": prompt, "completion": ref.replace("Mei Ito", "Mei"), "expected": ref},
+               {"where": "o.jsonl:3", "prompt": prompt, "completion": "Mei, 3 mugs", "expected": ref, "stopped": False}]
+    pairs = module.make_pairs(records)
+    assert [(p["source"], p["mistake"], p["stopped"]) for p in pairs] == [("o.jsonl:2", "customer", True),
+                                                                         ("o.jsonl:3", "not_json", False)]
+    assert pairs[0]["chosen"][0]["content"] == ref and pairs[0]["rejected"][0]["content"] == ref.replace("Mei Ito", "Mei")
+    for split in ("train", "validation", "test"):
+        committed = REPO / "data" / "orders-pairs" / f"onpolicy-{split}.jsonl"
+        for i, line in enumerate(committed.read_text().splitlines(), 1):
+            r = preference.read_pair(Row(json.loads(line), f"{committed}:{i}"))
+            assert r["chosen"][0]["content"] != r["rejected"][0]["content"]

@@ -24,6 +24,8 @@ def test_builtin_rewards_score_known_answers():
     assert run("exact_match", [f"  {good}\n", reordered, prose]) == [1.0, 0.0, 0.0]
     assert run("json_valid", [good, missing, prose]) == [1.0, 1.0, 0.0]
     assert run("json_fields", [reordered, wrong_value, missing, prose]) == [1.0, 1.0, 0.0, 0.0]
+    # partial credit: the share of the reference's fields right (a reordered object is all right)
+    assert run("json_values", [reordered, wrong_value, missing, prose]) == [1.0, 0.5, 0.5, 0.0]
     assert run("regex", ["order 12", "none"], pattern=r"\d+") == [1.0, 0.0]
     assert run("length", ["a", "b"], ids=[[0] * 4, [0] * 12], max_tokens=8) == [0.0, -0.5]
     # messages completions (conversational prompts) are read the same way

@@ -293,3 +293,39 @@ def test_each_process_puts_a_quantized_base_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(accelerate, "PartialState", Rank3)
     assert device_map_for(quantized=True) == {"": 3}
     assert device_map_for(quantized=False) is None  # the trainer moves it to this process's device
+
+
+# --------------------------------------------------------------------------- DPO under two processes
+
+PAIRS = [{"prompt": [{"role": "user", "content": f"Say the word after {w}."}],
+          "chosen": [{"role": "assistant", "content": WORDS[(i + 1) % len(WORDS)]}],
+          "rejected": [{"role": "assistant", "content": w}]} for i, w in enumerate(WORDS[:8])]
+
+
+def dpo_config(tmp: Path, base: Path, **training) -> dict:
+    """method: dpo on 8 pairs, constant LR, dropout 0: 2 steps of a global batch of 4 pairs."""
+    cfg = run_config(tmp, base, **{"max_steps": 2, "per_device_train_batch_size": B, "save_steps": 2, **training})
+    pairs = str(write_jsonl(tmp / "pairs.jsonl", PAIRS))
+    cfg["method"] = "dpo"
+    cfg["data"] = {"train": pairs, "eval": pairs, "cache": False, "retention": None}
+    return cfg
+
+
+@pytest.mark.distributed
+def test_dpo_under_two_processes_follows_one_process_of_twice_the_batch(tmp_path, tiny_base):
+    from peft_pipeline.config import config_from_dict
+    from peft_pipeline.tasks import train
+
+    launch(tmp_path / "two", "cpu-2proc.yaml", dpo_config(tmp_path / "two", tiny_base))
+    run = tmp_path / "two" / "run"
+    one = train(config_from_dict(dpo_config(tmp_path / "one", tiny_base, per_device_train_batch_size=2 * B)),
+                progress=False)
+    m = metrics(run)
+    assert m["status"] == "complete" and m["method"] == "dpo"
+    assert (m["world_size"], m["global_batch_size"], m["global_steps"]) == (2, 2 * B, 2)
+    assert m["eval_rewards/accuracies"] is not None and not (run / "adapter" / "ref").exists()
+    # The same 4 pairs per step (rank r takes batches r, r+2 of the one shuffle) and DDP averages the
+    # per-rank mean losses' gradients: the DPO loss follows the one-process run.
+    two, ref = step_losses(run), step_losses(one)
+    assert sorted(two) == [1, 2] and max(abs(ref[s] - v) for s, v in two.items()) < LOSS_TOL, (two, ref)
+    assert_same_weights(adapter_weights(run / "adapter"), adapter_weights(one / "adapter"))

@@ -153,3 +153,79 @@ def test_grpo_bad_reward_path_is_a_one_line_error_before_weights_load(tmp_path, 
     with pytest.raises(UserError, match=r"^rewards\[0\]\.function: cannot import 'no_such_module_xyz'") as e:
         check(cfg, method_for(cfg), progress=False)
     assert e.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------- DPO with the pipeline's other features
+
+
+def test_dpo_with_qlora_trains_the_adapter_on_a_4bit_base(tmp_path, tiny_base, one_thread):
+    import bitsandbytes as bnb
+    import torch
+
+    trainer, _ = _setup(_cfg(tmp_path, tiny_base, "dpo", quantization={"mode": "4bit"}))
+    model = trainer.model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    after = dict(model.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert moved and all(".default." in n and "lora_" in n for n in moved)  # 4-bit base and "ref" untouched
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
+
+
+class _StopAt:
+    """A callback that crashes the run at the end of step `step` (after that step's checkpoint is written)."""
+
+    def __new__(cls, step: int):
+        from transformers import TrainerCallback
+
+        class Crash(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == step:
+                    raise RuntimeError(f"crash at step {step}")
+
+        return Crash()
+
+
+@pytest.mark.slow  # three short trainings: ~25 s on a shared core
+def test_dpo_resumed_from_a_checkpoint_ends_with_the_uninterrupted_adapter(tmp_path, tiny_base, tokenizer, one_thread):
+    from safetensors.torch import load_file
+
+    from peft_pipeline.tasks import train
+
+    # From an SFT run with random B: the frozen "ref" adapter differs from the base, so a resume that
+    # loaded the wrong adapter into it (or into "default") would change every later step.
+    sft = str(make_run(tmp_path / "sft", tiny_base, tokenizer, [{"instruction": "a", "output": "b"}]))
+    steps = {"max_steps": 4, "per_device_train_batch_size": 2, "save_strategy": "steps", "save_steps": 2}
+    whole = train(_cfg(tmp_path / "a", tiny_base, "dpo", training=steps, init_from=sft), progress=False)
+    cfg = _cfg(tmp_path / "b", tiny_base, "dpo", training=steps, init_from=sft)
+    with pytest.raises(RuntimeError, match="crash at step 3"):
+        train(cfg, progress=False, callbacks=[_StopAt(3)])
+    assert (tmp_path / "b" / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    resumed = train(cfg, resume=True, progress=False)
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(".ref." not in k for k in a)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-6, f"resumed DPO adapter differs by {diff}"
+    losses = [[e["loss"] for e in map(json.loads, (r / "log.jsonl").read_text().splitlines()) if "loss" in e]
+              for r in (whole, resumed)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6) and len(losses[0]) == 4  # no step logged twice
+
+
+def test_dpo_early_stopping_stops_on_the_eval_metric_and_restores_the_best_checkpoint(tmp_path, tiny_base, one_thread):
+    from peft_pipeline.tasks import train
+
+    # greater_is_better on eval_loss makes every evaluation after the first a non-improvement (the loss
+    # falls as DPO trains), so patience 1 stops at the second evaluation and step 2 must come back.
+    cfg = _cfg(tmp_path, tiny_base, "dpo", training={"max_steps": 20, "save_strategy": "steps"},
+               early_stopping={"patience": 1, "eval_steps": 2, "greater_is_better": True})
+    run = train(cfg, progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    es = metrics["early_stopping"]
+    assert metrics["global_steps"] == 4 and es["stopped_early"] and es["best_step"] == 2
+    assert metrics["best_checkpoint"].endswith("checkpoint-2") and metrics["best_restored"]
+    evals = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4, 4]
+    assert evals[0]["eval_loss"] > evals[1]["eval_loss"]  # the premise: DPO lowers its eval loss
+    assert metrics["eval_loss"] == pytest.approx(evals[0]["eval_loss"])  # the final eval ran on the step-2 adapter
+    assert "eval_rewards/accuracies" in evals[0]  # DPO's own metrics are there to stop on as well
