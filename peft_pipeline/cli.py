@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
@@ -370,6 +372,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     args.overrides += extra
     return args
+
+
+def _end_process_group() -> None:
+    """Tear down the process group `accelerate launch` made, before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads can be torn down mid-destructor: a rank then aborts
+    ("terminate called without an active exception") after its run completed, and the launch fails.
+    """
+    dist = sys.modules.get("torch.distributed")  # only when something already imported it: no import cost
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _close_progress_bars() -> None:
