@@ -173,6 +173,8 @@ def bench(s: BenchSettings) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory(prefix="peft-bench-") as work:
         model_dir = prepare_model(s, Path(work))
+        release_memory()
+        env["rss_baseline"] = rss_bytes()  # the CPU memory meter's zero: after imports, before any variant
         for name in s.variants:
             results.append(run_variant(VARIANTS[name], s, model_dir, Path(work) / name, env))
     env["load_after"] = load_average()
@@ -214,7 +216,7 @@ def _train(v: Variant, s: BenchSettings, model_dir: str, run_dir: Path, total: i
     """
     from transformers.trainer_callback import PrinterCallback
 
-    with PeakMemory(env["device_type"]) as memory:
+    with PeakMemory(env["device_type"], env.get("rss_baseline")) as memory:
         build = pipeline_trainer if v.recipe == "pipeline" else trl_trainer
         trainer = build(v, s, model_dir, run_dir, total + profiled, env)
         trainer.remove_callback(PrinterCallback)  # the trainer's own per-log dicts; StepClock prints instead
@@ -441,11 +443,18 @@ class ProfileLastStep(_callback_base()):
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak on a GPU, sampled RSS above the start on a CPU."""
+    """Peak memory of a block: CUDA allocator peak on a GPU, sampled RSS above a baseline on a CPU.
 
-    def __init__(self, device_type: str):
-        self.kind = "cuda max_memory_allocated" if device_type == "cuda" else "peak RSS above the pre-variant RSS"
+    The CPU baseline is the RSS before the first variant (after imports), not this variant's start:
+    measured from its own start, a variant that fits in heap pages an earlier variant left mapped
+    never raises the RSS and read 0 (seen in CI), although it held its model and activations.
+    """
+
+    def __init__(self, device_type: str, baseline: int | None = None):
+        self.kind = ("cuda max_memory_allocated" if device_type == "cuda"
+                     else "peak RSS above the RSS before the first variant")
         self.device_type = device_type
+        self.baseline = baseline
         self.peak = 0
         self._stop = None
 
@@ -457,7 +466,7 @@ class PeakMemory:
 
             torch.cuda.reset_peak_memory_stats()
             return self
-        self.start = rss_bytes()
+        self.start = rss_bytes() if self.baseline is None else self.baseline
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
