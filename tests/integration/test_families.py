@@ -1,0 +1,95 @@
+"""Every model family through the CLI on a tiny random model: train, generate, merge (logit parity), export.
+
+One training run per family, shared by the stages (built on first use); the CLI runs in this process
+(cli.main), since starting Python and importing torch again for every stage of 14 families would take
+longer than the stages themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FAMILIES, REPO, write_jsonl
+from peft_pipeline import cli
+
+pytestmark = pytest.mark.slow
+ORDERS = REPO / "data" / "orders"
+_runs: dict[str, Path] = {}
+
+
+def rows(name: str, n: int) -> list[dict]:
+    return [json.loads(line) for line in (ORDERS / name).read_text().splitlines()[:n]]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("family-data")
+    return {"train": write_jsonl(d / "train.jsonl", rows("train.jsonl", 8)),
+            "test": write_jsonl(d / "test.jsonl", rows("test.jsonl", 2))}
+
+
+def trained(model_type: str, tiny_family, data, tmp_path_factory, capsys) -> Path:
+    """The family's run dir after `train` (3 steps at a rate that moves LoRA B off zero), built once."""
+    if model_type not in _runs:
+        run = tmp_path_factory.mktemp(f"run-{model_type}") / "run"
+        cfg = {"model": {"name": str(tiny_family(model_type))}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+               "data": {"train": str(data["train"]), "test": str(data["test"]), "retention": None, "cache": False},
+               "training": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                            "save_strategy": "no", "max_length": 256, "logging_steps": 1},
+               "output_dir": str(run)}
+        path = run.parent / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert cli.main(["train", str(path), "--no-progress"]) == 0
+        _runs[model_type] = run
+        out = capsys.readouterr().out
+        assert ("uses eager attention" in out) == (model_type == "gemma2")
+    return _runs[model_type]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_trains_generates_and_merges_exactly(model_type, tiny_family, data, tmp_path_factory, capsys, one_thread):
+    run = trained(model_type, tiny_family, data, tmp_path_factory, capsys)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["global_steps"] == 3
+    lora = adapter_weights(run)
+    assert lora and any(t.abs().max() > 0 for k, t in lora.items() if "lora_B" in k)  # trained: merging is not a no-op
+    assert not [k for k in lora if "vision_tower" in k or "multi_modal_projector" in k]
+
+    out = run.parent / "answers.jsonl"
+    assert cli.main(["generate", str(run), "--prompts", str(data["test"]), "--max-new-tokens", "4",
+                     "--out", str(out), "--no-progress"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+
+    assert cli.main(["merge", str(run)]) == 0
+    report = json.loads((run / "merge_report.json").read_text())
+    assert report["status"] == "passed"
+    assert report["parity"]["max_abs_diff"] < 1e-5, report["parity"]
+    capsys.readouterr()
+    print(f"{model_type}: merge max |logit diff| {report['parity']['max_abs_diff']:.2e}")  # -s shows the matrix
+
+
+def adapter_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+LLAMACPP = importlib.util.find_spec("peft_pipeline.export.llamacpp") is not None
+
+
+@pytest.mark.skipif(not LLAMACPP, reason="llama.cpp export lands with wt15e")
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family_exports_a_gguf_verified_in_llamacpp(model_type, tiny_family, data, tmp_path_factory, capsys,
+                                                     one_thread):
+    run = trained(model_type, tiny_family, data, tmp_path_factory, capsys)
+    if not (run / "merged" / "config.json").is_file():
+        assert cli.main(["merge", str(run)]) == 0
+    assert cli.main(["export", str(run), "--format", "gguf", "--quant", "q8_0"]) == 0
+    report = json.loads((run / "export_report.json").read_text())
+    assert report["status"] == "ok", report
+    assert report.get("llamacpp", {}).get("verified") or report.get("check", {}).get("verified_in") == "llama.cpp", report
