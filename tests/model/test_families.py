@@ -165,3 +165,16 @@ def test_sdpa_varlen_keeps_the_sliding_window_inside_a_packed_document(tiny_fami
                                                           sliding_window=None).eval()(input_ids=docs[0]).logits
     assert (got - want).abs().max() < 1e-5
     assert (whole - unwindowed).abs().max() > 1e-3  # the window matters at this length: the test can tell
+
+
+def test_an_untested_decoder_is_tried_with_a_line_and_a_non_lm_is_refused(tmp_path, capsys):
+    from transformers import CLIPVisionConfig, Starcoder2Config
+
+    coder = config_only(tmp_path / "coder", Starcoder2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                             num_key_value_heads=1, intermediate_size=64))
+    assert check_family(run_cfg(coder), coder).refused is None
+    assert "model: starcoder2 family is not among the tested ones (README: Model families); trying it" in \
+        capsys.readouterr().out
+    clip = config_only(tmp_path / "clip", CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(UserError, match="is a clip_vision_model model: transformers has no causal-LM class for it"):
+        check_family(run_cfg(clip), clip)
