@@ -1,4 +1,4 @@
-"""Every model family through the CLI on a tiny random model: train, generate, merge (logit parity), export.
+"""Every model family through the CLI on a tiny random model: train, generate, eval, merge (logit parity), export.
 
 One training run per family, shared by the stages (built on first use); the CLI runs in this process
 (cli.main), since starting Python and importing torch again for every stage of 14 families would take
@@ -52,7 +52,7 @@ def trained(model_type: str, tiny_family, data, tmp_path_factory, capsys) -> Pat
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_family_trains_generates_and_merges_exactly(model_type, tiny_family, data, tmp_path_factory, capsys, one_thread):
+def test_family_trains_generates_evaluates_and_merges_exactly(model_type, tiny_family, data, tmp_path_factory, capsys, one_thread):
     run = trained(model_type, tiny_family, data, tmp_path_factory, capsys)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["global_steps"] == 3
@@ -64,6 +64,8 @@ def test_family_trains_generates_and_merges_exactly(model_type, tiny_family, dat
     assert cli.main(["generate", str(run), "--prompts", str(data["test"]), "--max-new-tokens", "4",
                      "--out", str(out), "--no-progress"]) == 0
     assert len(out.read_text().splitlines()) == 2
+    assert cli.main(["eval", str(run), "--max-new-tokens", "4", "--limit", "2", "--no-progress"]) == 0
+    assert json.loads((run / "eval.json").read_text())["generation"]["metrics"]["adapter"]["n"] == 2
 
     assert cli.main(["merge", str(run)]) == 0
     report = json.loads((run / "merge_report.json").read_text())
