@@ -71,6 +71,9 @@ def test_family_trains_generates_evaluates_and_merges_exactly(model_type, tiny_f
     report = json.loads((run / "merge_report.json").read_text())
     assert report["status"] == "passed"
     assert report["parity"]["max_abs_diff"] < 1e-5, report["parity"]
+    assert cli.main(["export", str(run), "--format", "adapter"]) == 0
+    vllm = json.loads((run / "export" / "adapter" / "vllm_check.json").read_text())
+    assert vllm["servable"] == (model_type not in ("gpt2", "gpt_neox")), vllm  # no LoRA in vLLM's own gpt2/gpt_neox
     capsys.readouterr()
     print(f"{model_type}: merge max |logit diff| {report['parity']['max_abs_diff']:.2e}")  # -s shows the matrix
 
@@ -84,14 +87,28 @@ def adapter_weights(run: Path) -> dict:
 LLAMACPP = importlib.util.find_spec("peft_pipeline.export.llamacpp") is not None
 
 
+# llama.cpp's converter reads these families' vocabulary from a SentencePiece tokenizer.model; the tiny models
+# carry SmolLM2's BPE tokenizer, so conversion fails for a reason that is the test's, not the pipeline's.
+SENTENCEPIECE_ONLY = ("gemma", "gemma2")
+
+
 @pytest.mark.skipif(not LLAMACPP, reason="llama.cpp export lands with wt15e")
-@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("model_type", [pytest.param(f, marks=pytest.mark.xfail(reason="llama.cpp converts gemma/gemma2 "
+                                        "vocabularies from tokenizer.model only", strict=False))
+                                        if f in SENTENCEPIECE_ONLY else f for f in FAMILIES])
 def test_family_exports_a_gguf_verified_in_llamacpp(model_type, tiny_family, data, tmp_path_factory, capsys,
                                                      one_thread):
+    from peft_pipeline.errors import UserError
+    from peft_pipeline.export import llamacpp
+
+    try:
+        llamacpp.locate()
+    except UserError as e:
+        pytest.skip(f"llama.cpp not installed: {e}")
     run = trained(model_type, tiny_family, data, tmp_path_factory, capsys)
     if not (run / "merged" / "config.json").is_file():
         assert cli.main(["merge", str(run)]) == 0
     assert cli.main(["export", str(run), "--format", "gguf", "--quant", "q8_0"]) == 0
     report = json.loads((run / "export_report.json").read_text())
-    assert report["status"] == "ok", report
-    assert report.get("llamacpp", {}).get("verified") or report.get("check", {}).get("verified_in") == "llama.cpp", report
+    assert report["status"] == "ok" and "llama_cpp" in report, report
+    assert [(q["quant"], q["status"]) for q in report["quants"]] == [("q8_0", "ok")], report["quants"]
