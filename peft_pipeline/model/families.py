@@ -23,8 +23,6 @@ class Family:
     """What the pipeline does differently for one model_type (the defaults fit Llama-like decoders)."""
 
     model_type: str
-    examples: str = ""
-    """Public checkpoints of the family (the README's table)."""
     targets: tuple[str, ...] = LLAMA_LIKE
     """The layers all-linear puts adapters on (the LM head never)."""
     eager: str | None = None
@@ -37,7 +35,6 @@ class Family:
     """Why the pipeline refuses the model (encoders, encoder-decoders), or None."""
     tested: bool = True
     """False for a decoder the pipeline has not been tested on: tried, with a line saying so."""
-    note: str = ""
 
     def refuse(self, where: str) -> None:
         """Raise the one-line UserError (exit 2) when the family is refused."""
@@ -51,23 +48,22 @@ class Family:
         return None
 
 
+# One tiny random model of each is trained, evaluated and merged in tests/integration/test_families.py.
 _FAMILIES = [
-    Family("llama", "Llama 3.1 8B, Llama 3.2 1B/3B, SmolLM2, TinyLlama"),
-    Family("mistral", "Mistral 7B v0.3, Mistral Nemo", note="sliding window honoured by sdpa_varlen"),
-    Family("qwen2", "Qwen2.5 0.5B-72B, Qwen2.5-Coder"),
-    Family("qwen3", "Qwen3 0.6B-32B"),
-    Family("gemma", "Gemma 2B/7B"),
-    Family("gemma2", "Gemma 2 2B/9B/27B", eager=SOFTCAP, note="eager attention (logit soft-capping)"),
-    Family("gemma3_text", "Gemma 3 1B, Gemma 3 270M"),
-    Family("gemma3", "Gemma 3 4B/12B/27B (image-text)", vision_tower=True,
-           note="adapters on the language model only"),
-    Family("phi3", "Phi-3 mini/medium, Phi-3.5 mini, Phi-4", targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    Family("phi", "Phi-1.5, Phi-2", targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),
-    Family("olmo2", "OLMo 2 1B/7B/13B"),
-    Family("smollm3", "SmolLM3 3B"),
-    Family("gpt2", "GPT-2, DistilGPT2", targets=("c_attn", "c_proj", "c_fc"), conv1d=True,
-           note="Conv1D layers: fan_in_fan_out"),
-    Family("gpt_neox", "Pythia, GPT-NeoX 20B", targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),
+    Family("llama"),  # Llama 3.1/3.2, SmolLM2, TinyLlama
+    Family("mistral"),  # Mistral 7B, Nemo: sliding window, kept by sdpa_varlen
+    Family("qwen2"),  # Qwen2.5
+    Family("qwen3"),
+    Family("gemma"),
+    Family("gemma2", eager=SOFTCAP),
+    Family("gemma3_text"),  # Gemma 3 270M / 1B
+    Family("gemma3", vision_tower=True),  # Gemma 3 4B+ (image-text)
+    Family("phi3", targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),  # Phi-3, Phi-3.5, Phi-4
+    Family("phi", targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")),  # Phi-1.5, Phi-2
+    Family("olmo2"),
+    Family("smollm3"),
+    Family("gpt2", targets=("c_attn", "c_proj", "c_fc"), conv1d=True),
+    Family("gpt_neox", targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")),  # Pythia
 ]
 FAMILIES = {f.model_type: f for f in _FAMILIES}
 
