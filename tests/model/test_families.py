@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAMILIES, REPO, write_jsonl
+from conftest import FAMILIES, REPO, make_tiny_family, write_jsonl
 from peft_pipeline.config import ConfigError, LoraSection, ModelSection, QuantizationSection, RunConfig
 from peft_pipeline.errors import UserError
 from peft_pipeline.model.adapter import attach_adapter
@@ -143,13 +143,13 @@ def test_cli_refuses_t5_and_gemma2_sdpa_in_one_line_with_exit_2(tmp_path, tiny_f
     assert "  - model.attn_implementation: sdpa cannot run gemma2: Gemma 2 soft-caps its attention logits" in r.stderr
 
 
-def test_sdpa_varlen_keeps_the_sliding_window_inside_a_packed_document(tiny_family, one_thread):
-    """A packed row of two documents longer than Mistral's window (8) gives the logits of each document alone."""
+def test_sdpa_varlen_keeps_the_sliding_window_inside_a_packed_document(tmp_path, tokenizer, one_thread):
+    """A packed row of two documents longer than a Mistral window of 8 gives the logits of each document alone."""
     from transformers import AutoModelForCausalLM
 
     from peft_pipeline.model.attention import register_sdpa_varlen
 
-    path = tiny_family("mistral")
+    path = make_tiny_family(tmp_path / "mistral", tokenizer, "mistral", sliding_window=8)
     register_sdpa_varlen()
     varlen = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa_varlen").eval()
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
