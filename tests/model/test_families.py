@@ -13,10 +13,10 @@ import yaml
 from conftest import FAMILIES, REPO, make_tiny_family, write_jsonl
 from peft_pipeline.config import ConfigError, LoraSection, ModelSection, QuantizationSection, RunConfig
 from peft_pipeline.errors import UserError
-from peft_pipeline.model.adapter import attach_adapter
+from peft_pipeline.model.adapter import attach_adapter, lora_problems
 from peft_pipeline.model.families import FAMILIES as KNOWN
 from peft_pipeline.model.families import check_family, family_of
-from peft_pipeline.model.load import load_base
+from peft_pipeline.model.load import load_base, meta_model
 
 
 def run_cfg(base, **model) -> RunConfig:
@@ -71,6 +71,10 @@ def test_gpt2_conv1d_lora_matches_the_layer_it_wraps(tiny_family, one_thread):
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert layer.fan_in_fan_out
     assert layer.get_delta_weight("default").shape == layer.base_layer.weight.shape
+    # Conv1D layers count as linear for the name check too: a typo gets its did-you-mean.
+    meta = meta_model(ModelSection(name=str(path)))
+    assert lora_problems(LoraSection(target_modules=["c_atn"]), meta) == \
+        ["lora.target_modules: 'c_atn' matches no module of GPT2LMHeadModel (did you mean c_attn?)"]
 
 
 def test_gemma2_gets_eager_attention_with_a_line(tiny_family, capsys):
