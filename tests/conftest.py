@@ -118,3 +118,71 @@ def make_run(tmp_path: Path, base: Path, tokenizer, rows: list[dict], test_rows:
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
     save_adapter(get_peft_model(model, lora), tokenizer, run / "adapter")
     return run
+
+
+# Tiny configs per family (issue #15): 2 layers, hidden 64, and what each family needs on top to
+# build at that size and to convert with llama.cpp as its real checkpoints do (gemma's default
+# head_dim is 256; Phi-2 and GPT-2 have no GQA and a 4x MLP; GPT-2 configs carry n_ctx). Gemma 2/3
+# windows are small enough that a packed document outgrows them; Mistral's is v0.1's, larger than any
+# test context. The vocabulary is the real tokenizer's 49152 tokens, so the embedding dominates.
+_TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024)
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mistral": {"sliding_window": 4096},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    "phi3": {},
+    "phi": {"num_key_value_heads": 4, "intermediate_size": 256},
+    "olmo2": {},
+    "smollm3": {},
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 1024, "n_ctx": 1024},
+    "gpt_neox": {"tie_word_embeddings": False},
+}
+FAMILIES = [*FAMILY_CONFIGS, "gemma3"]
+
+
+def family_config(model_type: str, tokenizer, **overrides):
+    """A transformers config of `model_type` at test size, with the tokenizer's vocabulary and special ids."""
+    from transformers import AutoConfig
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if model_type == "gemma3":  # multimodal: the text decoder plus a one-layer SigLIP tower on 28-pixel images
+        text = {**_TINY, **ids, **FAMILY_CONFIGS["gemma3_text"]}
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    **{k: v for k, v in ids.items() if k != "vocab_size"})
+    base = {} if model_type == "gpt2" else dict(_TINY)
+    return AutoConfig.for_model(model_type, **{**base, **ids, **FAMILY_CONFIGS[model_type], **overrides})
+
+
+def make_tiny_family(path: Path, tokenizer, model_type: str, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model of `model_type` with the real tokenizer (gemma3: image-text-to-text)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    cfg = family_config(model_type, tokenizer, **overrides)
+    auto = AutoModelForImageTextToText if model_type == "gemma3" else AutoModelForCausalLM
+    model = auto.from_config(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, tokenizer):
+    """tiny_family(model_type) -> a cached tiny random model dir of that family (read-only by convention)."""
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            made[model_type] = make_tiny_family(tmp_path_factory.mktemp(model_type) / "base", tokenizer, model_type)
+        return made[model_type]
+
+    return get

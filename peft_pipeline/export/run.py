@@ -88,6 +88,9 @@ def export_adapter(target, out: Path | None, push_to_hub: str | None) -> Path:
         shutil.copytree(target.adapter_dir, tmp, dirs_exist_ok=True)
         (tmp / "README.md").write_text(model_card(target))
     print(f"[peft-pipeline] export: adapter with model card in {out}", flush=True)
+    from peft_pipeline.export.vllm import write_vllm_check
+
+    write_vllm_check(out)  # what vLLM's LoRA loader would refuse, before a server finds out (vllm_check.json)
     if push_to_hub:
         # Real hub path for users with credentials; never exercised offline.
         from huggingface_hub import HfApi

@@ -14,10 +14,11 @@ from peft_pipeline.console import library_deprecations_quiet
 
 
 def linear_module_names(model) -> list[str]:
-    """Qualified names of the nn.Linear-like layers (including bitsandbytes layers)."""
+    """Qualified names of the nn.Linear-like layers (bitsandbytes layers, and gpt2's Conv1D, which peft targets too)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
 def lora_problems(lora: LoraSection, model) -> list[str]:
@@ -62,6 +63,10 @@ def lora_config(lora: LoraSection, model=None):
 
     init: Any = True if lora.init == "default" else lora.init
     kwargs: dict[str, Any] = {}
+    if model is not None:
+        from peft_pipeline.model.families import lora_kwargs
+
+        kwargs.update(lora_kwargs(model))  # gpt2's Conv1D, Gemma 3's vision tower
     if lora.init == "loftq":
         from peft import LoftQConfig
 

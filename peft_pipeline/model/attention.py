@@ -35,10 +35,24 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     bounds = starts + [query.shape[2]]
-    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                      dropout=dropout, scaling=scaling, is_causal=True)[0]
-               for a, b in zip(bounds[:-1], bounds[1:])]
+    # Sliding-window layers (Mistral, Gemma 2/3, Qwen with use_sliding_window, Phi-3): a document longer than the
+    # window needs the banded mask; plain causal SDPA would let it see the whole document.
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    outputs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mask = sliding_causal_mask(b - a, window, query.device) if window and b - a > window else None
+        outputs.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask,
+                                              dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
     return torch.cat(outputs, dim=1), None  # (1, tokens, heads, dim), as sdpa_attention_forward returns
+
+
+def sliding_causal_mask(n: int, window: int, device):
+    """(1, 1, n, n) boolean mask: query i sees keys i - window < j <= i, as transformers' sliding_window_overlay."""
+    import torch
+
+    i = torch.arange(n, device=device)
+    diff = i[:, None] - i[None, :]
+    return ((diff >= 0) & (diff < window))[None, None]
 
 
 def document_starts(position_ids, query, key) -> list[int] | None:

@@ -34,30 +34,32 @@ def resolve_dtype(name: str):
     return torch.float32
 
 
-def resolve_attention(model: ModelSection) -> str:
-    """'auto' -> FlashAttention 2 when installed on a GPU, else SDPA split by document (sdpa_varlen)."""
-    from peft_pipeline.model.attention import register_sdpa_varlen
+def resolve_attention(model: ModelSection, family=None) -> str:
+    """'auto' -> FlashAttention 2 when installed on a GPU, else SDPA split by document (sdpa_varlen).
 
-    if model.attn_implementation == "sdpa_varlen":
-        register_sdpa_varlen()
-    if model.attn_implementation != "auto":
-        return model.attn_implementation
+    `family` (model/families.py): a family that cannot use SDPA (Gemma 2) gets eager instead, with a line saying so.
+    """
     import importlib.util
 
     import torch
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    from peft_pipeline.model.attention import register_sdpa_varlen
+
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if family is not None:
+        from peft_pipeline.model.families import attention_for
+
+        chosen = attention_for(family, model.attn_implementation, flash)
+        if chosen is not None:
+            return chosen
+    if model.attn_implementation == "sdpa_varlen":
+        register_sdpa_varlen()
+    if model.attn_implementation != "auto":
+        return model.attn_implementation
+    if flash:
         return "flash_attention_2"
     register_sdpa_varlen()
     return "sdpa_varlen"
-
-
-
-
-
-
-
-
 
 
 def quantization_config(q: QuantizationSection, dtype):
@@ -102,7 +104,12 @@ def load_base(model: ModelSection, q: QuantizationSection, path: str | None = No
     """
     from transformers import AutoModelForCausalLM
 
+    from peft_pipeline.model.families import family_of
+
     path = path or resolve_model_path(model)
+    family = family_of(path, model)  # config only: an encoder is refused before its weights load
+    if auto_class is None:
+        family.refuse(path)
     dtype = resolve_dtype(model.dtype)
     qconf = quantization_config(q, dtype) if quantize else None
     if qconf is not None and qconf.load_in_4bit:
@@ -115,7 +122,7 @@ def load_base(model: ModelSection, q: QuantizationSection, path: str | None = No
             path,
             revision=model.revision,
             dtype=dtype,
-            attn_implementation=resolve_attention(model),
+            attn_implementation=resolve_attention(model, family),
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle else True,
             quantization_config=qconf,
@@ -127,8 +134,6 @@ def load_base(model: ModelSection, q: QuantizationSection, path: str | None = No
         hint = " (only .bin weights? set model.allow_pickle: true if you trust them)" if "safetensors" in first.lower() else ""
         raise UserError(f"model.name: cannot load weights from {path}: {first}{hint}") from None
     return base
-
-
 
 
 def meta_model(model: ModelSection, path: str | None = None, auto_class=None, **config_kwargs):
@@ -147,12 +152,6 @@ def meta_model(model: ModelSection, path: str | None = None, auto_class=None, **
         raise UserError(f"model.name: cannot read a model config from {path} ({str(e).splitlines()[0]})") from None
     with torch.device("meta"):
         return (auto_class or AutoModelForCausalLM).from_config(config, trust_remote_code=model.trust_remote_code)
-
-
-
-
-
-
 
 
 def parameter_counts(model) -> dict[str, int]:

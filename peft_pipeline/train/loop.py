@@ -58,9 +58,11 @@ def train(cfg: RunConfig, method, overwrite: bool = False, resume: str | bool | 
 def check(cfg: RunConfig, method, progress: bool = True) -> Prepared:
     """Every check `train` makes before loading weights (also `peft-pipeline validate`): model, tokenizer, data."""
     from peft_pipeline.data.template import load_tokenizer
+    from peft_pipeline.model.families import check_family
     from peft_pipeline.paths import resolve_model_path
 
     path = resolve_model_path(cfg.model)
+    check_family(cfg, path)  # encoders, encoder-decoders, an attention kernel the family cannot run
     tokenizer = load_tokenizer(path, cfg.model)
     return method.check(cfg, path, tokenizer, progress)
 
