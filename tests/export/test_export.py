@@ -1,0 +1,263 @@
+"""Export: --quant parsing, finding llama.cpp and the merged model, the Ollama hand-off, and a tiny run
+exported through llama.cpp's converter and quantizer and checked in llama.cpp itself (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from peft_pipeline.errors import UserError
+
+EXPORT_ROWS = [{"instruction": "Name the city.", "input": f"Ship to {c}.", "output": c} for c in ("Oslo", "Lima", "Accra")]
+
+
+def _llama_cpp():
+    """The install `make llama-cpp` makes (make test installs it); skip only when it is absent."""
+    from peft_pipeline.export.llamacpp import locate
+
+    try:
+        return locate()
+    except UserError as e:
+        pytest.skip(f"llama.cpp not installed ({e}); `make llama-cpp` installs it")
+
+
+# --------------------------------------------------------------------------- --quant
+
+
+def test_quant_list_keeps_order_and_drops_repeats():
+    from peft_pipeline.export.llamacpp import parse_quants
+
+    assert parse_quants("f16, Q8_0,q4_k_m,f16") == ["f16", "q8_0", "q4_k_m"]
+
+
+@pytest.mark.parametrize("text", ["f16,q3_k", "gguf", ",", "q4_k_m,q4_0"])
+def test_unknown_quant_is_a_usage_error_naming_the_allowed_types(text):
+    from peft_pipeline.export.llamacpp import parse_quants
+
+    with pytest.raises(UserError) as e:
+        parse_quants(text)
+    assert e.value.exit_code == 2 and "f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m" in str(e.value)
+
+
+def test_cli_rejects_an_unknown_quant_before_reading_the_run(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "peft_pipeline", "export", str(tmp_path / "nothing-here"), "--quant", "f16,q2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --quant: 'q2' is not a GGUF type this exporter writes; use a comma list of f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m"]
+
+
+# --------------------------------------------------------------------------- finding llama.cpp
+
+
+def test_missing_install_is_one_line_naming_make_llama_cpp(tmp_path, monkeypatch):
+    from peft_pipeline.export.llamacpp import ENV_VAR, locate
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(UserError) as e:
+        locate()
+    msg = str(e.value)
+    assert "\n" not in msg and "make llama-cpp" in msg and f"{ENV_VAR}={tmp_path / 'nowhere'}" in msg
+
+
+def test_override_dir_is_used_when_complete(tmp_path, monkeypatch):
+    from peft_pipeline.export.llamacpp import ENV_VAR, locate
+
+    inst = _llama_cpp()
+    copy = tmp_path / "llama"
+    copy.symlink_to(inst.root, target_is_directory=True)
+    monkeypatch.setenv(ENV_VAR, str(copy))
+    found = locate()
+    assert found.root == inst.root.resolve() and found.libllama().name.startswith("libllama")
+    (tmp_path / "partial" / "python").mkdir(parents=True)  # a half-made install is refused, not half-used
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "partial"))
+    with pytest.raises(UserError, match="convert_hf_to_gguf.py"):
+        locate()
+
+
+# --------------------------------------------------------------------------- the merged model a run points at
+
+
+def _run_target(run: Path):
+    from peft_pipeline.rundir import Target
+
+    return Target("run", run, run, run / "adapter", "base", None)
+
+
+def _model_dir(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def test_merged_dir_follows_the_merge_record(tmp_path):
+    from peft_pipeline.rundir import merged_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert merged_dir(_run_target(run)) is None
+    default = _model_dir(run / "merged")
+    assert merged_dir(_run_target(run)) == default
+    elsewhere = _model_dir(tmp_path / "out" / "m")
+    (run / "merge_report.json").write_text(json.dumps({"status": "passed", "out_dir": str(elsewhere)}))
+    assert merged_dir(_run_target(run)) == elsewhere
+    (run / "merge_report.json").write_text(json.dumps({"status": "failed", "out_dir": str(elsewhere)}))
+    assert merged_dir(_run_target(run)) == default  # a failed merge's directory is not the run's model
+    shutil.rmtree(default)
+    assert merged_dir(_run_target(run)) is None
+
+
+def test_export_without_a_merge_says_what_to_run_or_pass(tmp_path):
+    from peft_pipeline.export.run import find_merged
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(UserError) as e:
+        find_merged(_run_target(run))
+    assert f"run `peft-pipeline merge {run}` first" in str(e.value) and "peft-pipeline export MERGED_DIR" in str(e.value)
+
+
+# --------------------------------------------------------------------------- Ollama hand-off
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+ZEPHYR_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Ship 3 lamps to Oslo"},
+     {"role": "assistant", "content": '{"item": "lamps"}'}, {"role": "user", "content": "And 2 chairs?"}],
+]
+
+
+def go_render(template: str, messages: list[dict]) -> str:
+    """Ollama's rendering of the Go templates handoff writes (the constructs it uses, nothing more):
+    {{ if .System }}A{{ else }}B{{ end }}, {{ range .Messages }}{{ if ne .Role "system" }}..{{ end }}{{ end }}."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")  # Ollama's collate()
+
+    def fill(text: str, m: dict | None) -> str:
+        text = text.replace("{{ .System }}", system)
+        return text.replace("{{ .Role }}", m["role"]).replace("{{ .Content }}", m["content"]) if m else text
+
+    match = re.fullmatch(r'\{\{ if \.System \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}'
+                         r'\{\{ range \.Messages \}\}\{\{ if ne \.Role "system" \}\}(.*?)\{\{ end \}\}\{\{ end \}\}(.*)',
+                         template, re.S)
+    assert match, template
+    with_system, without, turn, tail = match.groups()
+    out = fill(with_system, None) if system else (without or "")
+    return out + "".join(fill(turn, m) for m in messages if m["role"] != "system") + tail
+
+
+@pytest.fixture
+def tok_with(tokenizer):
+    def make(template: str | None):
+        tok = __import__("copy").deepcopy(tokenizer)
+        tok.chat_template = template
+        return tok
+    return make
+
+
+@pytest.mark.parametrize("template,name", [(None, "chatml"), (LLAMA3_TEMPLATE, "llama3")])
+def test_go_template_renders_conversations_as_the_jinja_template(tok_with, tokenizer, template, name):
+    from peft_pipeline.export.handoff import chat_format
+
+    tok = tok_with(template or tokenizer.chat_template)
+    fmt, why = chat_format(tok)
+    assert fmt is not None and fmt.name == name, why
+    for conversation in CONVERSATIONS:
+        jinja = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        jinja = jinja.removeprefix(tok.bos_token) if template else jinja  # llama 3 writes BOS; llama.cpp/Ollama add it
+        assert go_render(fmt.go_template(), conversation) == jinja
+
+
+def test_smollm2_default_system_message_is_kept(tokenizer):
+    from peft_pipeline.export.handoff import chat_format
+
+    fmt, _ = chat_format(tokenizer)
+    assert fmt.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert go_render(fmt.go_template(), CONVERSATIONS[0]).startswith(f"<|im_start|>system\n{fmt.default_system}<|im_end|>")
+
+
+def test_unconverted_template_leaves_template_out_of_the_modelfile(tok_with, tmp_path):
+    from peft_pipeline.export.handoff import chat_format, write
+
+    tok = tok_with(ZEPHYR_TEMPLATE)
+    assert chat_format(tok) == (None, "its chat template is not ChatML or Llama 3, the formats converted here")
+    quants = [{"quant": "q8_0", "file": str(tmp_path / "m-q8_0.gguf"), "bytes": 2e6, "top1_agreement": 0.9,
+               "greedy_identical": 3, "probes": 4, "status": "ok"}]
+    h = write(tmp_path, "m", quants, tok, [tok.convert_tokens_to_ids("<|im_end|>")], "Answer in JSON.")
+    text = (tmp_path / "Modelfile").read_text()
+    assert text.splitlines() == ["FROM ./m-q8_0.gguf", "", 'PARAMETER stop "<|im_end|>"', "", 'SYSTEM """Answer in JSON."""']
+    assert h["template"] is None and "Ollama will use the template stored in the GGUF" in h["template_note"]
+    readme = (tmp_path / "README.md").read_text()
+    assert "llama-server -m m-q8_0.gguf" in readme and "ollama create m -f Modelfile" in readme and "lms import" in readme
+
+
+# --------------------------------------------------------------------------- the export verb, end to end
+
+
+@pytest.mark.slow
+def test_export_through_llama_cpp_checks_every_file(tmp_path, tokenizer, capsys, monkeypatch):
+    """A tiny llama run: merge --out elsewhere, export f16 + q8_0, each file checked in llama.cpp; a failed check removes it."""
+    import conftest
+    from peft_pipeline.cli import main
+    from peft_pipeline.export import verify
+
+    _llama_cpp()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = conftest.make_tiny_llama(tmp_path / "base", tokenizer, initializer_range=0.2, tie_word_embeddings=False)
+    run = conftest.make_run(tmp_path, base, tokenizer, EXPORT_ROWS, test_rows=EXPORT_ROWS)
+    assert main(["export", str(run)]) == 1
+    assert f"run `peft-pipeline merge {run}` first" in capsys.readouterr().err
+    assert main(["merge", str(run), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert main(["export", str(run), "--quant", "f16,q8_0"]) == 0  # finds the merge where merge_report.json says
+    report = json.loads((run / "export_report.json").read_text())
+    assert report["status"] == "ok" and report["source"] == str((tmp_path / "elsewhere").resolve())
+    f16, q8 = report["quants"]
+    assert [f16["quant"], q8["quant"]] == ["f16", "q8_0"] and f16["tool"] == "convert_hf_to_gguf.py"
+    assert q8["tool"] == "llama_model_quantize" and q8["bytes"] < 0.7 * f16["bytes"]
+    for q in (f16, q8):  # answered by llama.cpp, with prompts rendered by the GGUF's own template
+        assert Path(q["file"]).is_file() and q["probes"] == report["probes"] == 3 + 4
+        assert q["prompt_tokens_identical"] == q["probes"] and q["test_scores"]["n"] == 3
+    assert f16["diverged"] == [] and f16["greedy_identical"] + f16["greedy_ties"] == f16["probes"]
+    assert f16["top1_agreement"] > 0.95 and q8["top1_agreement"] < f16["top1_agreement"]
+    modelfile = (run / "export" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./run-f16.gguf") and "<|im_start|>{{ .Role }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "run-q8_0.gguf" in (run / "export" / "README.md").read_text()
+    assert not list((run / "export").glob(".*tmp*"))  # nothing half-written left behind
+
+    monkeypatch.setattr(verify, "MIN_TOP1", 0.999)  # q8_0 of a random model agrees on far fewer positions
+    assert main(["export", str(run), "--quant", "q8_0"]) == 1
+    assert "q8_0: top-1 agreement" in capsys.readouterr().err
+    report = json.loads((run / "export_report.json").read_text())
+    assert report["status"] == "failed" and report["quants"][0]["status"] == "failed"
+    assert not Path(report["quants"][0]["file"]).exists()
+
+
+def test_export_adapter_writes_a_model_card(tmp_path, tiny_base, tokenizer):
+    import conftest
+    from peft_pipeline.cli import main
+
+    run = conftest.make_run(tmp_path, tiny_base, tokenizer, EXPORT_ROWS)
+    assert main(["export", str(run), "--format", "adapter"]) == 0
+    out = run / "export" / "adapter"
+    card = (out / "README.md").read_text()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert f"base_model: {tiny_base}" in card and "LoRA: r=16" in card and "AutoPeftModelForCausalLM" in card
+
+
+def test_export_rejects_a_format_it_does_not_have(tmp_path, tiny_base, tokenizer):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "peft_pipeline", "export", str(tmp_path), "--format", "onnx"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'onnx'" in r.stderr
