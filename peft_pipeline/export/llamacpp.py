@@ -89,8 +89,23 @@ def locate() -> Install:
                     f"run `make llama-cpp` (about 15 s, 90 MB) or set {ENV_VAR} to such a directory")
 
 
-def convert(inst: Install, model_dir: Path, out_file: Path, outtype: str = "f16", name: str | None = None) -> dict:
-    """llama.cpp's convert_hf_to_gguf.py: HF model dir -> one f16/bf16 GGUF, written atomically."""
+# config.json keys transformers 5 no longer writes but llama.cpp's converter (written against transformers
+# 4.57) reads by name; model_type -> key -> how to get it from the new config. Without it a merged GPT-2
+# fails with KeyError 'n_ctx' (measured). GPT-NeoX's 'rotary_pct' cannot be put back this way: the
+# converter reads the config through transformers 5's AutoConfig, which turns it into rope_parameters.
+LEGACY_KEYS = {
+    "gpt2": {"n_ctx": lambda c: c.get("n_positions")},
+}
+
+
+def convert(inst: Install, model_dir: Path, out_file: Path, outtype: str = "f16", name: str | None = None,
+            tokenizer_model: Path | None = None) -> dict:
+    """llama.cpp's convert_hf_to_gguf.py: HF model dir -> one f16/bf16 GGUF, written atomically.
+
+    `tokenizer_model`: the base's SentencePiece tokenizer.model, for a merged dir saved without one
+    (the converter wants it for gemma, phi3 and other SentencePiece families).
+    """
+    import tempfile
     import time
 
     from peft_pipeline.paths import atomic_file
@@ -99,14 +114,35 @@ def convert(inst: Install, model_dir: Path, out_file: Path, outtype: str = "f16"
         raise ValueError(f"the converter writes {CONVERTER_TYPES}, not {outtype}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(inst.python_deps), os.environ.get("PYTHONPATH")]))}
     started = time.time()
-    with atomic_file(Path(out_file)) as tmp:
-        cmd = [sys.executable, str(inst.converter), str(model_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    with tempfile.TemporaryDirectory(prefix="convert-") as staging, atomic_file(Path(out_file)) as tmp:
+        source = _converter_view(Path(model_dir), Path(staging), tokenizer_model)
+        cmd = [sys.executable, str(inst.converter), str(source), "--outtype", outtype, "--outfile", str(tmp)]
         if name:
             cmd += ["--model-name", name]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0 or not tmp.is_file():
             raise UserError(f"{model_dir}: llama.cpp's convert_hf_to_gguf.py failed: {_last_error(r.stderr)}")
     return {"tool": "convert_hf_to_gguf.py", "outtype": outtype, "seconds": round(time.time() - started, 1)}
+
+
+def _converter_view(model_dir: Path, staging: Path, tokenizer_model: Path | None) -> Path:
+    """`model_dir` as the converter expects it: itself, or links to its files plus what it lacks
+    (the legacy config keys above, the base's tokenizer.model). The merged dir is never modified."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    legacy = {k: get(config) for k, get in LEGACY_KEYS.get(config.get("model_type"), {}).items() if k not in config}
+    legacy = {k: v for k, v in legacy.items() if v is not None}
+    add_sp = tokenizer_model is not None and tokenizer_model.is_file() and not (model_dir / "tokenizer.model").exists()
+    if not legacy and not add_sp:
+        return model_dir
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (staging / f.name).symlink_to(f.resolve())
+    (staging / "config.json").write_text(json.dumps({**config, **legacy}, indent=2))
+    if add_sp:
+        (staging / "tokenizer.model").symlink_to(tokenizer_model.resolve())
+    return staging
 
 
 def _last_error(stderr: str) -> str:

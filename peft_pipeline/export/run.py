@@ -44,7 +44,7 @@ def export_gguf(target, quants: list[str], out_dir: Path, score: bool) -> Path:
     stop = stop_token_ids(target, tok)
     files = {q: out_dir / f"{name}-{q}.gguf" for q in quants}
     say(f"converting {model_dir} with llama.cpp's convert_hf_to_gguf.py, then {', '.join(quants)} -> {out_dir}")
-    steps = make_files(inst, model_dir, files, name)
+    steps = make_files(inst, model_dir, files, name, base_tokenizer_model(target))
 
     prompts = probe_prompts(target, tok, with_tests=score)
     say(f"checking each file in llama.cpp against the merged model on {len(prompts)} prompts "
@@ -85,7 +85,15 @@ def find_merged(target) -> Path:
     return d
 
 
-def make_files(inst, model_dir: Path, files: dict[str, Path], name: str) -> dict[str, dict]:
+def base_tokenizer_model(target) -> Path | None:
+    """The base's SentencePiece tokenizer.model, which a merged dir saved by transformers 5 may lack."""
+    if target.kind == "merged" or not target.model_path:
+        return None
+    f = Path(target.model_path) / "tokenizer.model"
+    return f if f.is_file() else None
+
+
+def make_files(inst, model_dir: Path, files: dict[str, Path], name: str, tokenizer_model: Path | None = None) -> dict[str, dict]:
     """f16 (and bf16) from the converter, the other types quantized from the f16 file; how each was made."""
     import tempfile
 
@@ -95,14 +103,14 @@ def make_files(inst, model_dir: Path, files: dict[str, Path], name: str) -> dict
     steps = {}
     for q in CONVERTER_TYPES:
         if q in files:
-            steps[q] = convert(inst, model_dir, files[q], q, name)
+            steps[q] = convert(inst, model_dir, files[q], q, name, tokenizer_model)
     lossy = [q for q in files if q not in CONVERTER_TYPES]
     if not lossy:
         return steps
     with tempfile.TemporaryDirectory(dir=files[lossy[0]].parent) as tmp:
         f16 = files.get("f16") or Path(tmp) / "f16.gguf"  # quantized from f16 even when f16 itself is not wanted
         if "f16" not in files:
-            convert(inst, model_dir, f16, "f16", name)
+            convert(inst, model_dir, f16, "f16", name, tokenizer_model)
         for q in lossy:
             say(f"quantizing to {q} (llama_model_quantize)")
             steps[q] = quantize(inst, f16, files[q], q, threads())

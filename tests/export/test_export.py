@@ -81,6 +81,26 @@ def test_override_dir_is_used_when_complete(tmp_path, monkeypatch):
         locate()
 
 
+def test_converter_sees_legacy_config_keys_and_the_base_sentencepiece_model(tmp_path):
+    from peft_pipeline.export.llamacpp import _converter_view
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    config = {"model_type": "gpt2", "n_positions": 1024, "n_embd": 64}
+    (merged / "config.json").write_text(json.dumps(config))
+    (merged / "model.safetensors").write_bytes(b"weights")
+    sp = tmp_path / "base" / "tokenizer.model"
+    sp.parent.mkdir()
+    sp.write_bytes(b"sentencepiece")
+    (tmp_path / "stage").mkdir()
+    view = _converter_view(merged, tmp_path / "stage", sp)
+    assert json.loads((view / "config.json").read_text())["n_ctx"] == 1024  # the key llama.cpp's converter reads
+    assert (view / "model.safetensors").read_bytes() == b"weights" and (view / "tokenizer.model").read_bytes() == b"sentencepiece"
+    assert json.loads((merged / "config.json").read_text()) == config and not (merged / "tokenizer.model").exists()
+    (merged / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert _converter_view(merged, tmp_path / "stage", None) == merged  # nothing missing: the dir itself
+
+
 # --------------------------------------------------------------------------- the merged model a run points at
 
 
@@ -261,3 +281,61 @@ def test_export_rejects_a_format_it_does_not_have(tmp_path, tiny_base, tokenizer
     r = subprocess.run([sys.executable, "-m", "peft_pipeline", "export", str(tmp_path), "--format", "onnx"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'onnx'" in r.stderr
+
+
+# --------------------------------------------------------------------------- other families (tiny, from configs)
+
+FAMILY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.2)
+
+
+def _tiny_family(path: Path, model_type: str, tokenizer) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **FAMILY_SIZES)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen3", "mistral", "olmo2", "gpt2"])
+def test_other_families_convert_and_reproduce_in_llama_cpp(tmp_path, tokenizer, model_type, monkeypatch):
+    """f16 from llama.cpp's converter answers like the transformers model (llama: the test above)."""
+    from peft_pipeline.export import verify
+    from peft_pipeline.export.run import make_files, probe_prompts
+    from peft_pipeline.rundir import Target
+
+    inst = _llama_cpp()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    d = _tiny_family(tmp_path / model_type, model_type, tokenizer)
+    out = tmp_path / f"{model_type}-f16.gguf"
+    make_files(inst, d, {"f16": out}, model_type)
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    probes = verify.reference(d, tokenizer, probe_prompts(Target("merged", d, None, None, str(d), None), tokenizer), stop, 24)
+    [answer] = verify.run_probe(inst, [out], probes)
+    r = verify.compare("f16", probes, answer, stop, tokenizer)
+    assert r["status"] == "ok" and r["prompt_tokens_identical"] == r["probes"] == 4, r
+    assert r["top1_agreement"] > 0.95, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,why", [
+    ("qwen2", "BPE pre-tokenizer was not recognized"),  # transformers 5 loads SmolLM2's tokenizer as Qwen2Tokenizer here
+    ("gemma2", "tokenizer.model"),  # SentencePiece families: real checkpoints ship one (and the base's is passed on)
+    ("phi3", "tokenizer.model"),
+    ("gpt_neox", "KeyError: 'rotary_pct'"),  # the converter wants a key transformers 5's AutoConfig no longer returns
+])
+def test_families_the_converter_refuses_say_why_in_one_line(tmp_path, tokenizer, model_type, why):
+    """Known refusals of this llama.cpp release for tiny models with SmolLM2's tokenizer (README: Export)."""
+    from peft_pipeline.export.run import make_files
+
+    inst = _llama_cpp()
+    d = _tiny_family(tmp_path / model_type, model_type, tokenizer)
+    with pytest.raises(UserError) as e:
+        make_files(inst, d, {"f16": tmp_path / "x-f16.gguf"}, model_type)
+    assert why in str(e.value) and "convert_hf_to_gguf.py failed" in str(e.value) and "\n" not in str(e.value)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))  # nothing half-written left
