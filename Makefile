@@ -26,10 +26,11 @@ install: $(STAMP) llama-cpp
 # (libllama, used to quantize and to check every GGUF) and the llama.cpp sources it ships as a git bundle,
 # of which we keep the converter (convert_hf_to_gguf.py + conversion/ + gguf-py/) and llama.h.
 # The converter runs on .venv's torch/transformers plus two packages installed into .llama/python.
-# Measured: ~15 s, 66 MB download, 90 MB in .llama/. Needs node >= 20 and npm. Nothing is compiled.
+# Measured: 12-15 s, 92 MB in .llama/. Needs node >= 20 and npm. Nothing is compiled.
 LLAMA := .llama
 NODE_LLAMA_CPP := 3.22.1
-LLAMA_STAMP := $(LLAMA)/.installed
+# The stamp names the version: changing NODE_LLAMA_CPP installs afresh.
+LLAMA_STAMP := $(LLAMA)/.installed-$(NODE_LLAMA_CPP)
 $(LLAMA_STAMP): | $(BIN)/python
 	rm -rf $(LLAMA)
 	npm install --prefix $(LLAMA) --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error \
@@ -51,7 +52,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
 
 # The main job on the embedded base: train, evaluate before/after, merge (with its parity
-# check), score the merged model, export GGUF (verified and scored), and summarize.
+# check), score the merged model, export GGUF through llama.cpp (f16, q8_0, q4_k_m, each checked and
+# scored in llama.cpp, with an Ollama Modelfile), and summarize.
 # About 21 minutes on one CPU core (measured: training 15.3 min, evals, merge and export 5.5 min).
 demo: install
 	$(BIN)/peft-pipeline train configs/quickstart.yaml output_dir=$(RUN) --overwrite

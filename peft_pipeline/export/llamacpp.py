@@ -86,7 +86,7 @@ def locate() -> Install:
     where = f"{ENV_VAR}={env}" if env else str(candidates[0])
     gone = Install(candidates[0].resolve()).missing()
     raise UserError(f"llama.cpp for GGUF export is not installed at {where} (missing {gone[0]}); "
-                    f"run `make llama-cpp` (about 15 s, 90 MB) or set {ENV_VAR} to such a directory")
+                    f"run `make llama-cpp` (about 15 s, 92 MB) or set {ENV_VAR} to such a directory")
 
 
 # config.json keys transformers 5 no longer writes but llama.cpp's converter (written against transformers
