@@ -107,7 +107,8 @@ def make_files(inst, model_dir: Path, files: dict[str, Path], name: str, tokeniz
     lossy = [q for q in files if q not in CONVERTER_TYPES]
     if not lossy:
         return steps
-    with tempfile.TemporaryDirectory(dir=files[lossy[0]].parent) as tmp:
+    files[lossy[0]].parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".f16-", dir=files[lossy[0]].parent) as tmp:  # beside the outputs: same disk
         f16 = files.get("f16") or Path(tmp) / "f16.gguf"  # quantized from f16 even when f16 itself is not wanted
         if "f16" not in files:
             convert(inst, model_dir, f16, "f16", name, tokenizer_model)

@@ -255,11 +255,12 @@ def test_export_through_llama_cpp_checks_every_file(tmp_path, tokenizer, capsys,
     assert not list((run / "export").glob(".*tmp*"))  # nothing half-written left behind
 
     monkeypatch.setattr(verify, "MIN_TOP1", 0.999)  # q8_0 of a random model agrees on far fewer positions
-    assert main(["export", str(run), "--quant", "q8_0"]) == 1
+    assert main(["export", str(run), "--quant", "q8_0", "--out", str(tmp_path / "new" / "dir")]) == 1
     assert "q8_0: top-1 agreement" in capsys.readouterr().err
     report = json.loads((run / "export_report.json").read_text())
     assert report["status"] == "failed" and report["quants"][0]["status"] == "failed"
-    assert not Path(report["quants"][0]["file"]).exists()
+    assert Path(report["quants"][0]["file"]).parent == tmp_path / "new" / "dir"
+    assert list((tmp_path / "new" / "dir").iterdir()) == []  # the failed file removed, the f16 it came from too
 
 
 def test_export_adapter_writes_a_model_card(tmp_path, tiny_base, tokenizer):
