@@ -63,18 +63,23 @@ for (const path of request.models) {
     const context = await model.createContext({contextSize: Math.min(4096, longest * 2), threads: request.threads, sequences: 1});
     const seq = context.getSequence();
     const results = [];
+    const spent = {load: (Date.now() - started) / 1000, generate: 0, forced: 0};
     for (const job of request.jobs) {
         const prompt_ids = promptIds(model, wrapper, job);
+        let t = Date.now();
         await seq.clearHistory();
         const gen = await greedy(model, seq, prompt_ids, job.max_tokens);
         const result = {prompt_ids, ...gen, text: model.detokenize(gen.tokens)};
+        spent.generate += (Date.now() - t) / 1000;
         if (job.forced) {
+            t = Date.now();
             await seq.clearHistory();
             Object.assign(result, await forcedArgmax(seq, job.forced, job.start));
+            spent.forced += (Date.now() - t) / 1000;
         }
         results.push(result);
     }
-    answer.models.push({path, seconds: (Date.now() - started) / 1000, chat_template: template, results});
+    answer.models.push({path, seconds: (Date.now() - started) / 1000, spent, chat_template: template, results});
     await context.dispose();
     await model.dispose();
 }

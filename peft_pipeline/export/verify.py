@@ -109,7 +109,7 @@ def compare(quant: str, probes: list[Probe], answer: dict, stop: list[int], tok)
     top1 = agree / max(positions, 1)
     result = {"top1_agreement": top1, "positions": positions, "greedy_identical": identical, "greedy_ties": ties,
               "probes": len(probes), "prompt_tokens_identical": same_prompt, "diverged": diverged[:5],
-              "seconds": answer["seconds"]}
+              "seconds": answer["seconds"], "seconds_by_step": answer.get("spent")}
     tests = [(p, got) for p, got in zip(probes, answer["results"]) if p.expected is not None]
     if tests:
         result["test_scores"] = score([got["text"].strip() for _, got in tests], [p.expected for p, _ in tests])
