@@ -340,3 +340,58 @@ def test_families_the_converter_refuses_say_why_in_one_line(tmp_path, tokenizer,
         make_files(inst, d, {"f16": tmp_path / "x-f16.gguf"}, model_type)
     assert why in str(e.value) and "convert_hf_to_gguf.py failed" in str(e.value) and "\n" not in str(e.value)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))  # nothing half-written left
+
+
+@pytest.mark.slow
+def test_gemma2_merged_without_tokenizer_model_converts_with_the_bases(tmp_path, monkeypatch):
+    """transformers 5 saves a SentencePiece tokenizer without tokenizer.model, which llama.cpp's converter
+    needs for gemma: export passes the base's on, and the result answers like the model in llama.cpp."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from peft_pipeline.export import verify
+    from peft_pipeline.export.run import base_tokenizer_model, make_files, probe_prompts
+    from peft_pipeline.rundir import Target
+
+    inst = _llama_cpp()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rows = [json.loads(line) for line in Path("data/orders/train.jsonl").read_text().splitlines()]
+    (tmp_path / "corpus.txt").write_text("\n".join(f"{r['input']} {r['output']}" for r in rows) * 3)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>",
+                                                            "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    # A SentencePiece model and the HF tokenizer made from it, in a process that sees the converter's
+    # sentencepiece (transformers decides at import time whether it has one).
+    script = ("import sentencepiece as spm, sys\n"
+              "from transformers import AutoTokenizer\n"
+              "spm.SentencePieceTrainer.train(input=sys.argv[1], model_prefix=sys.argv[2] + '/tokenizer', vocab_size=400,"
+              " model_type='bpe', pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, minloglevel=2)\n"
+              "AutoTokenizer.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[2])\n")
+    env = {**os.environ, "PYTHONPATH": str(inst.python_deps)}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "corpus.txt"), str(base)], env=env, check=True,
+                   capture_output=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gemma2", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **FAMILY_SIZES)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
+    merged = tmp_path / "merged"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(merged)
+    tok.save_pretrained(merged)
+    assert not (merged / "tokenizer.model").exists()  # what makes the converter fail without the base's
+    sp = base_tokenizer_model(Target("run", tmp_path, tmp_path, tmp_path / "adapter", str(base), None))
+    assert sp == base / "tokenizer.model"
+    out = tmp_path / "g-f16.gguf"
+    with pytest.raises(UserError, match="tokenizer.model"):
+        make_files(inst, merged, {"f16": out}, "g")
+    make_files(inst, merged, {"f16": out}, "g", sp)
+    stop = [tok.eos_token_id]
+    probes = verify.reference(merged, tok, probe_prompts(Target("merged", merged, None, None, str(merged), None), tok), stop, 24)
+    [answer] = verify.run_probe(inst, [out], probes)
+    r = verify.compare("f16", probes, answer, stop, tok)
+    assert r["status"] == "ok" and r["prompt_tokens_identical"] == r["probes"] == 4 and r["top1_agreement"] > 0.95, r
