@@ -77,7 +77,11 @@ def _merge(a) -> int:
 
 
 def _export(a) -> int:
+    from peft_pipeline.export.llamacpp import parse_quants
     from peft_pipeline.tasks import stage
+
+    if a.format == "gguf":
+        parse_quants(a.quant)  # an unknown type is a usage error before the run is even read
 
     stage("export", a.run, a.format)(a.run, fmt=a.format, quant=a.quant, out=a.out, push_to_hub=a.push_to_hub,
                                       score=not a.no_score)
@@ -230,8 +234,9 @@ def _merge_args(p) -> None:
 def _export_args(p) -> None:
     p.add_argument("run", metavar="RUN_DIR", help="run directory (after merge) or a merged model dir")
     p.add_argument("--format", choices=["gguf", "adapter"], default="gguf", help="gguf (llama.cpp family) or adapter")
-    p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
-    p.add_argument("--out", metavar="PATH", help="output file (gguf) or dir (adapter); default RUN_DIR/export/")
+    p.add_argument("--quant", default="f16", metavar="TYPES",
+                   help="comma list of GGUF types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m (default f16)")
+    p.add_argument("--out", metavar="DIR", help="output dir (gguf files, or the adapter); default RUN_DIR/export/")
     p.add_argument("--push-to-hub", metavar="REPO", help="with --format adapter: upload to this hub repo (needs login)")
     p.add_argument("--no-score", action="store_true", help="skip scoring the GGUF on the run's test prompts")
 
@@ -297,7 +302,7 @@ VERBS: dict[str, Verb] = {
     "generate": Verb("complete one prompt or a file of prompts with the fine-tuned model", _generate_args, _generate),
     "chat": Verb("interactive multi-turn chat in the terminal (/reset, /exit)", _chat_args, _chat),
     "merge": Verb("merge a run's adapter into the full-precision base, verify it, save a plain model", _merge_args, _merge),
-    "export": Verb("write a GGUF file (from the merged model, verified) or the adapter with a model card",
+    "export": Verb("GGUF files via llama.cpp (from the merged model, checked in llama.cpp) or the adapter with a model card",
                    _export_args, _export),
     "summary": Verb("what a run dir holds: scores before/after, merge and export checks, paths", _run_arg, _summary),
     "inspect": Verb("the data as training will see it: counts, lengths, trained tokens, warnings", _inspect_args, _inspect,

@@ -173,7 +173,7 @@ def new_report(target, out: Path, save_dtype: str, source: str, samples, device:
         "base_model": target.model_path,
         "quantization_mode": target.quantization_mode,
         "merged_into": "float32 base (unquantized)",
-        "out_dir": str(out),
+        "out_dir": str(out.resolve()),  # absolute: `export RUN` finds the merge here (rundir.merged_dir)
         "saved_dtype": save_dtype,
         "compare_dtype": "float32",
         "device": device,

@@ -380,7 +380,7 @@ def summary(path: str | Path) -> str:
         lines.append(f"  trained {metrics.get('global_steps')} steps, {metrics.get('trained_tokens')} tokens{losses}{evl}")
     scores = [("base", _test_metric(evals, "base")), ("adapter", _test_metric(evals, "adapter")),
               ("merged", _test_metric(merged_eval, None)),
-              ("gguf", (export.get("test_scores") or {}).get("exact_match"))]
+              *[(f"gguf {q['quant']}", (q.get("test_scores") or {}).get("exact_match")) for q in export.get("quants", [])]]
     shown = [f"{name} {value:.1%}" for name, value in scores if isinstance(value, (int, float))]
     if shown:
         lines.append("  exact match on test prompts: " + ", ".join(shown))
@@ -392,8 +392,9 @@ def summary(path: str | Path) -> str:
         lines.append(f"  merge: {merge.get('status')}, max |logit diff| vs base+adapter {parity.get('max_abs_diff')}, "
                      f"greedy identical on {parity.get('greedy_identical')} of {parity.get('prompts')} prompts")
     if export:
-        lines.append(f"  gguf: {export.get('status')}, {export.get('file')} ({export.get('bytes', 0) / 1e6:.0f} MB), "
-                     f"greedy identical: {export.get('check', {}).get('greedy_identical')}")
+        for q in export.get("quants", []):
+            lines.append(f"  gguf {q['quant']}: {q['status']}, {q['file']} ({q['bytes'] / 1e6:.0f} MB), top-1 agreement "
+                         f"{q['top1_agreement']:.1%}, greedy identical on {q['greedy_identical']} of {q['probes']} prompts")
     for name in ("adapter", "model", "merged", "export", "checkpoints"):
         if (run / name).exists():
             lines.append(f"  {name + '/':13s} {run / name}")

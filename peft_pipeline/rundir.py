@@ -8,6 +8,7 @@ A run directory, as `train` writes it:
   checkpoints/    trainer checkpoints (resumable)
   report.md       for people: loss/learning-rate plots, eval tables (report.py)
 Later stages write beside it: eval.json, merged/ + merge_report.json, export/ + export_report.json.
+merge_report.json records where the merged model went (`merge --out DIR` included): see merged_dir.
 Only the main process writes. Later stages (eval, generate, chat, merge, export) take a run dir,
 a bare adapter dir or a merged model dir; `resolve` says which, and what each holds.
 """
@@ -195,6 +196,23 @@ def resolve(path: str | Path) -> Target:
     if (path / "config.yaml").is_file():
         raise UserError(f"{path}: a run directory with no adapter/ (training did not finish?); run `peft-pipeline train` again with --resume")
     raise UserError(f"{path}: holds no adapter (adapter_config.json) and no model (config.json + *.safetensors)")
+
+
+def merged_dir(target: Target) -> Path | None:
+    """The merged model of a run: where its last passing merge wrote it (merge_report.json), else RUN_DIR/merged."""
+    if target.kind == "merged":
+        return Path(target.model_path)
+    if target.run_dir is None:
+        return None
+    try:
+        report = json.loads((target.run_dir / "merge_report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    recorded = Path(report["out_dir"]) if report.get("status") == "passed" and report.get("out_dir") else None
+    for d in (recorded, target.run_dir / "merged"):
+        if d is not None and (d / "config.json").is_file():
+            return d
+    return None
 
 
 def _read_run_config(path: Path):

@@ -186,15 +186,3 @@ def greedy(model, ids, n: int, stop: list[int] | None = None) -> list[int]:
             cache = {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
             out = model(input_ids=nxt, use_cache=True, **cache)
     return tokens
-
-
-def default_prompts(tok) -> list[str]:
-    return ["The capital of France is", "def fibonacci(n):"] + chat_probe(tok)
-
-
-def chat_probe(tok) -> list[str]:
-    """A chat-templated prompt: the text a served model actually sees, special tokens included."""
-    if not tok.chat_template:
-        return []
-    messages = [{"role": "user", "content": "What is 2 + 2?"}]
-    return [tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
