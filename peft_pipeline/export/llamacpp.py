@@ -91,8 +91,9 @@ def locate() -> Install:
 
 # config.json keys transformers 5 no longer writes but llama.cpp's converter (written against transformers
 # 4.57) reads by name; model_type -> key -> how to get it from the new config. Without it a merged GPT-2
-# fails with KeyError 'n_ctx' (measured). GPT-NeoX's 'rotary_pct' cannot be put back this way: the
-# converter reads the config through transformers 5's AutoConfig, which turns it into rope_parameters.
+# fails with KeyError 'n_ctx' (measured). GPT-NeoX's 'rotary_pct' cannot be put back this way (the
+# converter reads the config through transformers 5's AutoConfig, which moves it into rope_parameters):
+# export/llama_convert.py adds it to what the converter reads.
 LEGACY_KEYS = {
     "gpt2": {"n_ctx": lambda c: c.get("n_positions")},
 }
@@ -116,7 +117,9 @@ def convert(inst: Install, model_dir: Path, out_file: Path, outtype: str = "f16"
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="convert-") as staging, atomic_file(Path(out_file)) as tmp:
         source = _converter_view(Path(model_dir), Path(staging), tokenizer_model)
-        cmd = [sys.executable, str(inst.converter), str(source), "--outtype", outtype, "--outfile", str(tmp)]
+        # Through llama_convert.py: the converter unchanged, with config keys transformers 5 renamed put back.
+        cmd = [sys.executable, str(Path(__file__).with_name("llama_convert.py")), str(inst.converter), str(source),
+               "--outtype", outtype, "--outfile", str(tmp)]
         if name:
             cmd += ["--model-name", name]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -315,6 +315,20 @@ FAMILY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
                     num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.2)
 
 
+def test_converter_reads_gpt_neox_rotary_pct_from_transformers_5_rope_parameters():
+    """transformers 5 moved GPT-NeoX's rotary_pct into rope_parameters; the converter still reads rotary_pct
+    (KeyError on every transformers 5 GPT-NeoX without llama_convert.py)."""
+    from transformers import AutoConfig
+
+    from peft_pipeline.export.llama_convert import legacy_keys
+
+    hparams = AutoConfig.for_model("gpt_neox", rotary_pct=0.25).to_dict()
+    assert "rotary_pct" not in hparams
+    assert legacy_keys(hparams) == {"rotary_pct": 0.25}
+    assert legacy_keys({**hparams, "rotary_pct": 0.5}) == {}  # a config that has it keeps its own
+    assert legacy_keys(AutoConfig.for_model("llama").to_dict()) == {}
+
+
 def _tiny_family(path: Path, model_type: str, tokenizer) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -328,7 +342,7 @@ def _tiny_family(path: Path, model_type: str, tokenizer) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen3", "mistral", "olmo2", "gpt2"])
+@pytest.mark.parametrize("model_type", ["qwen3", "mistral", "olmo2", "gpt2", "gpt_neox"])
 def test_other_families_convert_and_reproduce_in_llama_cpp(tmp_path, tokenizer, model_type, monkeypatch):
     """f16 from llama.cpp's converter answers like the transformers model (llama: the test above)."""
     from peft_pipeline.export import verify
@@ -353,7 +367,6 @@ def test_other_families_convert_and_reproduce_in_llama_cpp(tmp_path, tokenizer, 
     ("qwen2", "BPE pre-tokenizer was not recognized"),  # transformers 5 loads SmolLM2's tokenizer as Qwen2Tokenizer here
     ("gemma2", "tokenizer.model"),  # SentencePiece families: real checkpoints ship one (and the base's is passed on)
     ("phi3", "tokenizer.model"),
-    ("gpt_neox", "KeyError: 'rotary_pct'"),  # the converter wants a key transformers 5's AutoConfig no longer returns
 ])
 def test_families_the_converter_refuses_say_why_in_one_line(tmp_path, tokenizer, model_type, why):
     """Known refusals of this llama.cpp release for tiny models with SmolLM2's tokenizer (README: Export)."""

@@ -89,7 +89,7 @@ LLAMACPP = importlib.util.find_spec("peft_pipeline.export.llamacpp") is not None
 
 
 # Measured with the llama.cpp exporter of wt15e (node-llama-cpp 3.22.1's llama.cpp): these fail for reasons
-# of the tiny models' borrowed tokenizer, or (gpt_neox) for one the exporter has to fix.
+# of the tiny models' borrowed tokenizer.
 EXPORT_XFAIL = {
     "gemma": "llama.cpp's converter reads Gemma's vocabulary from a SentencePiece tokenizer.model; the tiny model "
              "carries SmolLM2's BPE tokenizer",
@@ -97,8 +97,6 @@ EXPORT_XFAIL = {
     "phi3": "as gemma: llama.cpp's Phi-3 converter wants tokenizer.model",
     "qwen2": "transformers 5 loads the tiny qwen2 dir's tokenizer as Qwen2Tokenizer, whose pre-tokenizer hash on "
              "SmolLM2's vocabulary llama.cpp does not know",
-    "gpt_neox": "transformers 5 saves the merged config with rope_parameters.partial_rotary_factor and no rotary_pct, "
-                "which llama.cpp's GPT-NeoX converter reads (KeyError); the exporter must add it",
 }
 
 
