@@ -48,7 +48,7 @@ class Family:
         return None
 
 
-# One tiny random model of each is trained, evaluated and merged in tests/integration/test_families.py.
+# One tiny random model of each is trained, evaluated and merged in tests/integration/test_family_matrix.py.
 _FAMILIES = [
     Family("llama"),  # Llama 3.1/3.2, SmolLM2, TinyLlama
     Family("mistral"),  # Mistral 7B, Nemo: sliding window, kept by sdpa_varlen
