@@ -17,24 +17,30 @@ def say(*lines: str, state=None, prefix: str = PREFIX) -> None:
 
 # bitsandbytes 0.50's CPU backend, on processors with AVX512-BF16 only, tries to fetch a fused 4-bit
 # kernel from the hub through the optional `kernels` package at import time, and logs an install
-# hint when it cannot (always, offline or without `kernels`). peft imports bitsandbytes whenever it
-# is installed, so the hint would open every command, quantized or not, on those machines alone.
-BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+# hint when it cannot (always, offline or without `kernels`). With `kernels` installed (transformers
+# 5.24 requires it) and the hub offline, `kernels` itself first logs that it skips the publisher
+# check. peft imports bitsandbytes whenever it is installed, so these lines would open every command,
+# quantized or not, on those machines alone. Logger -> start of the message dropped.
 BNB_KERNEL_HINT = "Failed to load CPU gemm_4bit_forward"
+BNB_IMPORT_NOISE = {
+    "bitsandbytes.backends.cpu.ops": BNB_KERNEL_HINT,
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+}
 _said_cpu_4bit = False
 
 
 def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' fused-kernel install hint (logging only: imports nothing); idempotent."""
+    """Drop bitsandbytes' fused-kernel lines at import (logging only: imports nothing); idempotent."""
     import logging
 
-    logger = logging.getLogger(BNB_CPU_LOGGER)
-    if not any(getattr(f, "peft_pipeline", False) for f in logger.filters):
-        def keep(record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith(BNB_KERNEL_HINT)
+    for name, start in BNB_IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "peft_pipeline", False) for f in logger.filters):
+            def keep(record: logging.LogRecord, start: str = start) -> bool:
+                return not str(record.msg).startswith(start)
 
-        keep.peft_pipeline = True  # type: ignore[attr-defined]
-        logger.addFilter(keep)
+            keep.peft_pipeline = True  # type: ignore[attr-defined]
+            logger.addFilter(keep)
 
 
 def say_cpu_4bit() -> None:
