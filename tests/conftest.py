@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,7 +165,11 @@ def family_config(model_type: str, tokenizer, **overrides):
 
 
 def make_tiny_family(path: Path, tokenizer, model_type: str, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model of `model_type` with the real tokenizer (gemma3: image-text-to-text)."""
+    """Save a tiny random model of `model_type` with the given tokenizer (gemma3: image-text-to-text).
+
+    A tokenizer loaded from a make_spm_tokenizer dir brings its tokenizer.model along, as the real
+    checkpoints of SentencePiece families ship it (transformers 5 saves without it).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -172,17 +179,92 @@ def make_tiny_family(path: Path, tokenizer, model_type: str, seed: int = 0, **ov
     model = auto.from_config(cfg)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    spm = Path(tokenizer.name_or_path) / "tokenizer.model"
+    if spm.is_file():
+        shutil.copy(spm, path / "tokenizer.model")
+    return path
+
+
+# Families whose real checkpoints ship a SentencePiece tokenizer.model, which llama.cpp's converter reads
+# their vocabulary from (SmolLM2's BPE tokenizer.json cannot stand in for it), and the HF tokenizer class
+# their checkpoints declare: Gemma's adds no space prefix; Phi-3's is Llama's, with the prefix at the start
+# and after each special token, as llama.cpp's SentencePiece tokenizer does for it.
+SPM_FAMILIES = {"gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer", "phi3": "LlamaTokenizer"}
+
+# A SentencePiece model trained on the orders data, normalized as Gemma's and Llama's are (identity, spaces
+# kept), with ChatML's turn markers as control pieces (special tokens in HF and llama.cpp alike).
+_SPM_SCRIPT = """\
+import sentencepiece as spm, sys
+from pathlib import Path
+from transformers import AutoTokenizer
+corpus, out, template, llama = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]).read_text(), sys.argv[4] == "1"
+pieces = {} if llama else {"bos_piece": "<bos>", "eos_piece": "<eos>"}  # Gemma's names: GemmaTokenizer adds <bos>
+spm.SentencePieceTrainer.train(input=corpus, model_prefix=str(out / "tokenizer"), vocab_size=400, model_type="bpe",
+                               pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, minloglevel=2,
+                               normalization_rule_name="identity", remove_extra_whitespaces=False,
+                               add_dummy_prefix=llama, control_symbols=["<|im_start|>", "<|im_end|>"], **pieces)
+tok = AutoTokenizer.from_pretrained(out)  # the class in tokenizer_config.json makes tokenizer.json from the .model
+if template:
+    tok.chat_template = template
+tok.save_pretrained(out)
+"""
+
+
+def make_spm_tokenizer(path: Path, chat_template: str | None = None, tokenizer_class: str = "GemmaTokenizer") -> Path:
+    """A small SentencePiece tokenizer at `path`: tokenizer.model and the HF files made from it.
+
+    Vocabulary of 400 BPE pieces with byte fallback, trained on data/orders; EOS is `<|im_end|>`,
+    so with SmolLM2's ChatML template (`chat_template`) the pipeline trains and stops as it does on
+    SmolLM2. sentencepiece comes from llama.cpp's install (not the venv), in a subprocess because
+    transformers decides at import time whether it has it; skips when that install is missing.
+    """
+    from peft_pipeline.errors import UserError
+    from peft_pipeline.export.llamacpp import locate
+
+    try:
+        deps = locate().python_deps
+    except UserError as e:
+        pytest.skip(f"a SentencePiece tokenizer needs sentencepiece from llama.cpp's install: {e}")
+    path.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (REPO / "data" / "orders" / "train.jsonl").read_text().splitlines()]
+    (path / "corpus.txt").write_text("\n".join(f"{r['input']} {r['output']}" for r in rows) * 3)
+    (path / "chat_template.txt").write_text(chat_template or "")
+    llama = tokenizer_class == "LlamaTokenizer"
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": tokenizer_class, "bos_token": "<s>" if llama else "<bos>", "eos_token": "<|im_end|>",
+        "unk_token": "<unk>", "pad_token": "<pad>", **({"legacy": True} if llama else {"add_bos_token": True})}))
+    subprocess.run([sys.executable, "-c", _SPM_SCRIPT, str(path / "corpus.txt"), str(path), str(path / "chat_template.txt"),
+                    "1" if llama else "0"], env={**os.environ, "PYTHONPATH": str(deps)}, check=True, capture_output=True)
+    for scratch in ("corpus.txt", "chat_template.txt", "tokenizer.vocab"):
+        (path / scratch).unlink(missing_ok=True)
+    if llama:  # transformers 5 saves without `legacy`, and rebuilds a LlamaTokenizer without it as non-legacy
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory, tokenizer):
-    """tiny_family(model_type) -> a cached tiny random model dir of that family (read-only by convention)."""
+    """tiny_family(model_type) -> a cached tiny random model dir of that family (read-only by convention).
+
+    SmolLM2's tokenizer, except SPM_FAMILIES: a SentencePiece one (make_spm_tokenizer, built once) as their
+    real checkpoints have.
+    """
+    from transformers import AutoTokenizer
+
     made: dict[str, Path] = {}
+    spm: dict[str, object] = {}  # tokenizer class -> tokenizer
 
     def get(model_type: str) -> Path:
         if model_type not in made:
-            made[model_type] = make_tiny_family(tmp_path_factory.mktemp(model_type) / "base", tokenizer, model_type)
+            tok = tokenizer
+            if model_type in SPM_FAMILIES:
+                cls = SPM_FAMILIES[model_type]
+                if cls not in spm:
+                    spm[cls] = AutoTokenizer.from_pretrained(make_spm_tokenizer(
+                        tmp_path_factory.mktemp("spm"), tokenizer.chat_template, cls))
+                tok = spm[cls]
+            made[model_type] = make_tiny_family(tmp_path_factory.mktemp(model_type) / "base", tok, model_type)
         return made[model_type]
 
     return get

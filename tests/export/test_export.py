@@ -384,35 +384,17 @@ def test_families_the_converter_refuses_say_why_in_one_line(tmp_path, tokenizer,
 def test_gemma2_merged_without_tokenizer_model_converts_with_the_bases(tmp_path, monkeypatch):
     """transformers 5 saves a SentencePiece tokenizer without tokenizer.model, which llama.cpp's converter
     needs for gemma: export passes the base's on, and the result answers like the model in llama.cpp."""
-    import os
-    import subprocess
-    import sys
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from conftest import make_spm_tokenizer
     from peft_pipeline.export import verify
     from peft_pipeline.export.run import base_tokenizer_model, make_files, probe_prompts
     from peft_pipeline.rundir import Target
 
     inst = _llama_cpp()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    rows = [json.loads(line) for line in Path("data/orders/train.jsonl").read_text().splitlines()]
-    (tmp_path / "corpus.txt").write_text("\n".join(f"{r['input']} {r['output']}" for r in rows) * 3)
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>",
-                                                            "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}))
-    # A SentencePiece model and the HF tokenizer made from it, in a process that sees the converter's
-    # sentencepiece (transformers decides at import time whether it has one).
-    script = ("import sentencepiece as spm, sys\n"
-              "from transformers import AutoTokenizer\n"
-              "spm.SentencePieceTrainer.train(input=sys.argv[1], model_prefix=sys.argv[2] + '/tokenizer', vocab_size=400,"
-              " model_type='bpe', pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, minloglevel=2)\n"
-              "AutoTokenizer.from_pretrained(sys.argv[2]).save_pretrained(sys.argv[2])\n")
-    env = {**os.environ, "PYTHONPATH": str(inst.python_deps)}
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "corpus.txt"), str(base)], env=env, check=True,
-                   capture_output=True)
+    base = make_spm_tokenizer(tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("gemma2", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
