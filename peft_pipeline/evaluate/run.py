@@ -26,11 +26,13 @@ EXAMPLES_SHOWN = 3
 
 def evaluate(path: str | Path, data: str | None = None, prompts: str | None = None, compare_base: bool = False,
              sampling: Sampling | None = None, batch_size: int = 8, limit: int | None = None,
-             progress: bool = True, retention: str | None = None, pairs: str | None = None) -> dict[str, Any]:
+             progress: bool = True, retention: str | None = None, pairs: str | None = None,
+             harness: list[str] | None = None, harness_include: str | None = None) -> dict[str, Any]:
     """Evaluate the model in `path`, print a summary, write eval.json next to it; return the report.
 
     `retention`: a JSONL file or 'auto' (the run's data.retention, else the bundled set): base vs adapter on
     general prompts. `pairs`: preference pairs to score (default: a DPO/ORPO/CPO/KTO run's held-out pairs).
+    `harness`: lm-evaluation-harness tasks, base and adapter (evaluate/harness.py; also written to harness.json).
     """
     from peft_pipeline.data.template import load_tokenizer, stop_token_ids
     from peft_pipeline.model.load import load_model
@@ -49,7 +51,12 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     loss_data = load_loss_data(target, tokenizer, data, limit, progress)
     retention_set = load_retention(target, retention, path)
     pair_data = load_pairs(target, pairs, limit)
-    if test is None and loss_data is None and retention_set is None and pair_data is None:
+    tasks = None
+    if harness is not None:
+        from peft_pipeline.evaluate.harness import check as check_harness
+
+        tasks = check_harness(harness, harness_include)  # the harness's task index, before the model loads
+    if test is None and loss_data is None and retention_set is None and pair_data is None and harness is None:
         raise UserError(f"{path}: nothing to evaluate: the run config sets neither data.eval/val_fraction nor "
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
     model = load_model(target, place_on_gpu=True)
@@ -65,15 +72,33 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
         system = target.config.data.system_prompt if target.config is not None else None
         report["retention"] = {"file": retention_set[0], **check(
             model, tokenizer, retention_set[1], stop_ids, system, batch_size, progress)}
+    if harness is not None:
+        report["harness"] = run_harness(target, model, tokenizer, names if target.adapter_dir is None else ["base", label],
+                                        tasks, harness, harness_include, batch_size, limit)
     out = target.out_dir / "eval.json"
     write_json_atomic(out, report)
     print_report(report)
+    if "harness" in report:
+        from peft_pipeline.evaluate.harness import table
+
+        print("\nlm-evaluation-harness:\n" + "\n".join(table(report["harness"])))
     if "retention" in report:
         from peft_pipeline.report import summary_line
 
         print(f"\n{summary_line(report['retention'])}")
     print(f"[peft-pipeline] eval written to {out}")
     return report
+
+
+def run_harness(target, model, tokenizer, names: list[str], manager, tasks: list[str], include: str | None,
+                batch_size: int, limit: int | None) -> dict[str, Any]:
+    """The harness tasks on each model in `names`, also written to <run>/harness.json."""
+    from peft_pipeline.evaluate.harness import run
+    from peft_pipeline.paths import write_json_atomic
+
+    result = run(model, tokenizer, manager, tasks, include, names, batch_size, limit)
+    write_json_atomic(target.out_dir / "harness.json", result)
+    return result
 
 
 def score_models(model, tokenizer, names: list[str], loss_data, test, stop_ids, sampling, batch_size: int,
