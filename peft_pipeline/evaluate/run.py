@@ -18,12 +18,15 @@ from typing import Any
 
 from peft_pipeline.errors import UserError
 from peft_pipeline.evaluate.generate import Prompt, Sampling, adapter_off, generate, one_line, read_prompts
+from peft_pipeline.evaluate.harness import check as check_harness
 from peft_pipeline.evaluate.preference import load_pairs
 from peft_pipeline.report import metric_rows
 
 EXAMPLES_SHOWN = 3
 
 
+# Over 50 lines by choice: the eval stage's one sequence (inputs checked, the model loaded once, each score, the
+# report), read top to bottom; each score is a helper below.
 def evaluate(path: str | Path, data: str | None = None, prompts: str | None = None, compare_base: bool = False,
              sampling: Sampling | None = None, batch_size: int = 8, limit: int | None = None,
              progress: bool = True, retention: str | None = None, pairs: str | None = None,
@@ -51,11 +54,7 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     loss_data = load_loss_data(target, tokenizer, data, limit, progress)
     retention_set = load_retention(target, retention, path)
     pair_data = load_pairs(target, pairs, limit)
-    tasks = None
-    if harness is not None:
-        from peft_pipeline.evaluate.harness import check as check_harness
-
-        tasks = check_harness(harness, harness_include)  # the harness's task index, before the model loads
+    tasks = check_harness(harness, harness_include) if harness is not None else None  # its task index, before loading
     if test is None and loss_data is None and retention_set is None and pair_data is None and harness is None:
         raise UserError(f"{path}: nothing to evaluate: the run config sets neither data.eval/val_fraction nor "
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
@@ -78,6 +77,13 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     out = target.out_dir / "eval.json"
     write_json_atomic(out, report)
     print_report(report)
+    print_checks(report)
+    print(f"[peft-pipeline] eval written to {out}")
+    return report
+
+
+def print_checks(report: dict[str, Any]) -> None:
+    """The harness table and the retention line, after the main report."""
     if "harness" in report:
         from peft_pipeline.evaluate.harness import table
 
@@ -86,8 +92,6 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
         from peft_pipeline.report import summary_line
 
         print(f"\n{summary_line(report['retention'])}")
-    print(f"[peft-pipeline] eval written to {out}")
-    return report
 
 
 def run_harness(target, model, tokenizer, names: list[str], manager, tasks: list[str], include: str | None,

@@ -223,11 +223,7 @@ def spec_problems(spec: SweepConfig, lines: dict[tuple, int] = {}, source: str =
         close = difflib.get_close_matches(spec.metric, EVAL_METRICS + RUN_METRICS, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"one of {', '.join(EVAL_METRICS + RUN_METRICS)}"
         add(("metric",), f"{spec.metric!r} is not a metric a run produces ({hint})")
-    for key, bound in spec.constraints.items():
-        if key not in EVAL_METRICS + RUN_METRICS:
-            add(("constraints", key), f"{key!r} is not a metric a run produces (one of {', '.join(EVAL_METRICS + RUN_METRICS)})")
-        if bound.min is None and bound.max is None:
-            add(("constraints", key), "give min and/or max")
+    problems += [f"{_where(lines, source, ('constraints', key))}: {msg}" for key, msg in _constraint_problems(spec)]
     pr = spec.pruning
     if pr.enabled and not spec.metric.startswith("eval_"):
         add(("pruning", "enabled"), f"pruning compares evaluations during training; {spec.metric} is known only "
@@ -237,6 +233,17 @@ def spec_problems(spec: SweepConfig, lines: dict[tuple, int] = {}, source: str =
     if spec.method == "grid" and spec.params and not problems and len(grid_points(spec)) == 0:
         add(("params",), "the grid is empty")
     return problems
+
+
+def _constraint_problems(spec: SweepConfig) -> list[tuple[str, str]]:
+    """(key, problem) for constraints on unknown metrics or without a bound."""
+    out = []
+    for key, bound in spec.constraints.items():
+        if key not in EVAL_METRICS + RUN_METRICS:
+            out.append((key, f"{key!r} is not a metric a run produces (one of {', '.join(EVAL_METRICS + RUN_METRICS)})"))
+        if bound.min is None and bound.max is None:
+            out.append((key, "give min and/or max"))
+    return out
 
 
 def grid_points(spec: SweepConfig) -> list[dict[str, Any]]:
@@ -491,6 +498,8 @@ def work(study, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, progre
         _free_accelerator_memory()
 
 
+# Over 50 lines by choice: one trial from config to score in one place (run, failure, pruning, constraints, score),
+# the order Optuna needs them in.
 def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, progress: bool) -> float:
     """One trial: a real training run in its own run dir, scored on spec.metric."""
     import optuna
@@ -668,12 +677,7 @@ def write_results(study, spec: SweepConfig, sweep_dir: Path) -> str:
     errors = [f"- trial {r['trial']}: {r['error']}" for r in rows if r["error"]]
     if errors:
         table += "\n\nFailed trials:\n" + "\n".join(errors)
-    summary = (f"best: trial {best.number}, {spec.metric} = {best.value:.4f} ({spec.goal}); config: {sweep_dir / 'best.yaml'}"
-               if best else "no trial met the constraints yet" if spec.constraints else "no trial completed yet")
-    if spec.constraints:
-        summary += "; constraints: " + ", ".join(f"{k} in [{_fmt(b.min) if b.min is not None else '-inf'}, "
-                                                  f"{_fmt(b.max) if b.max is not None else 'inf'}]"
-                                                  for k, b in spec.constraints.items())
+    summary = _summary(spec, best, sweep_dir)
     (sweep_dir / "results.md").write_text(
         f"# Sweep {spec.name}\n\n{spec.method} search over {', '.join(keys)}; {spec.metric} ({spec.goal}); "
         f"{len(rows)} trials in {sweep_dir / 'study.db'}\n\n{table}\n\n{summary}\n")
@@ -684,6 +688,17 @@ def write_results(study, spec: SweepConfig, sweep_dir: Path) -> str:
     if best is not None:
         write_best_config(study, spec, best, sweep_dir)
     return table + "\n\n" + summary
+
+
+def _summary(spec: SweepConfig, best, sweep_dir: Path) -> str:
+    """The results' last line: the best trial (and the constraints it met)."""
+    summary = (f"best: trial {best.number}, {spec.metric} = {best.value:.4f} ({spec.goal}); config: {sweep_dir / 'best.yaml'}"
+               if best else "no trial met the constraints yet" if spec.constraints else "no trial completed yet")
+    if spec.constraints:
+        summary += "; constraints: " + ", ".join(f"{k} in [{_fmt(b.min) if b.min is not None else '-inf'}, "
+                                                  f"{_fmt(b.max) if b.max is not None else 'inf'}]"
+                                                  for k, b in spec.constraints.items())
+    return summary
 
 
 def write_best_config(study, spec: SweepConfig, best, sweep_dir: Path) -> Path:
