@@ -249,7 +249,8 @@ class ReplaySection(_Section):
     """Share of the training mixture that is replay: 0.2 = one replay row per four task rows (seeded sample,
     rows repeated when the replay set is smaller than needed)."""
     path: str = "bundled"
-    """'bundled' (peft_pipeline/resources/replay-general.jsonl, ~350 templated general Q&A rows) or a dataset path."""
+    """'bundled' (peft_pipeline/resources/replay-general.jsonl, ~350 templated general Q&A rows), 'self' (the
+    bundled questions with the base's own answers, generated before training and cached; method sft), or a dataset path."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
     """Row format of `path` (auto = detected from the columns)."""
 
@@ -693,13 +694,7 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
     if data.retention not in (None, "auto", "bundled") and not Path(data.retention).expanduser().is_file():
         add(("data", "retention"), f"{data.retention} does not exist; give a JSONL file of {{prompt, expected}}, "
                                    "'bundled', 'auto' or null")
-    if data.retention_eval and data.retention is None:
-        add(("data", "retention_eval"), "needs a retention set; set data.retention (e.g. bundled) or retention_eval: false")
-    if data.retention_eval and not cfg.eval_requested:
-        add(("data", "retention_eval"), "scores at evaluations, and this run has none; set training.eval_strategy: steps "
-                                        "(and eval_steps) or early_stopping.patience")
-    if data.replay and data.replay.path != "bundled" and _looks_local(data.replay.path) and not Path(data.replay.path).exists():
-        add(("data", "replay", "path"), f"{data.replay.path} does not exist; give a dataset path or 'bundled'")
+    problems += [f"{_where(lines, source, loc)}: {msg}" for loc, msg in _forgetting_problems(cfg)]
     if cfg.eval_requested and not data.eval and data.val_fraction == 0:
         asked_by = ("early_stopping", "patience") if cfg.early_stopping.enabled else ("training", "eval_strategy")
         add(asked_by, "evaluation requested but there is no eval data; set data.eval or data.val_fraction")
@@ -712,6 +707,23 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
     problems += _method_problems(cfg, lines, source)
     problems += _training_problems(cfg.training, lines, source, cfg.method)
     return problems
+
+
+def _forgetting_problems(cfg: RunConfig) -> list[tuple[tuple, str]]:
+    """(key path, problem) for data.retention_eval and data.replay settings that cannot work."""
+    data, out = cfg.data, []
+    if data.retention_eval and data.retention is None:
+        out.append((("data", "retention_eval"), "needs a retention set; set data.retention (e.g. bundled) or retention_eval: false"))
+    if data.retention_eval and not cfg.eval_requested:
+        out.append((("data", "retention_eval"), "scores at evaluations, and this run has none; set training.eval_strategy: "
+                                                "steps (and eval_steps) or early_stopping.patience"))
+    if data.replay and (cfg.method != "sft" or cfg.task != "causal_lm"):
+        out.append((("data", "replay"), f"replay mixes instruction rows into SFT; this run trains {cfg.task}/{cfg.method}; "
+                                        "remove it"))
+    if (data.replay and data.replay.path not in ("bundled", "self") and _looks_local(data.replay.path)
+            and not Path(data.replay.path).exists()):
+        out.append((("data", "replay", "path"), f"{data.replay.path} does not exist; give a dataset path, 'bundled' or 'self'"))
+    return out
 
 
 def _augment_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:

@@ -74,3 +74,54 @@ def test_bundled_replay_set_is_the_script_output_and_never_asks_a_retention_ques
     assert make_replay.overlaps(rows, RETENTION_BUNDLED) == []
     # the check does catch a retention question, reworded or not
     assert make_replay.overlaps([{"instruction": "Which city is the capital of France?"}], RETENTION_BUNDLED)
+
+
+@pytest.mark.slow
+def test_self_replay_trains_on_the_base_own_answers_cached(tmp_path, tokenizer, monkeypatch):
+    import peft_pipeline.evaluate.generate as gen
+    from peft_pipeline.config import config_from_dict
+    from peft_pipeline.errors import UserError
+    from peft_pipeline.tasks import train
+
+    from conftest import make_tiny_llama
+
+    monkeypatch.setenv("PEFT_PIPELINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("peft_pipeline.train.self_replay.MAX_NEW_TOKENS", 4)  # 346 questions: keep it short
+    # untied embeddings: a random tiny model then answers with words, not an echoed newline
+    base = make_tiny_llama(tmp_path / "base", tokenizer, tie_word_embeddings=False)
+    cfg = config_from_dict({
+        "model": {"name": str(base)}, "lora": {"r": 4},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "cache": False, "retention": None,
+                 "replay": {"fraction": 0.2, "path": "self"}},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "save_strategy": "no", "max_length": 256},
+        "output_dir": str(tmp_path / "run"),
+    })
+    # a random model never says its stop token, and unfinished answers are no replay rows
+    with pytest.raises(UserError, match="the base finished none of its 346 answers within 4 tokens"):
+        train(cfg, progress=False)
+    real, seen = gen.generate, {}
+
+    def stops_every_second(*args, **kwargs):  # as if the base had finished every other answer
+        got = real(*args, **kwargs)
+        seen["answers"] = [a.text for a in got]
+        for i, a in enumerate(got):
+            a.stopped = i % 2 == 0
+        return got
+
+    monkeypatch.setattr(gen, "generate", stops_every_second)
+    run = train(config_from_dict({**cfg.model_dump(mode="json"), "output_dir": str(tmp_path / "run1")}), progress=False)
+    files = list((tmp_path / "cache" / "replay-self").glob("*.jsonl"))
+    assert len(files) == 1
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    questions = [json.loads(line)["instruction"] for line in REPLAY_BUNDLED.read_text().splitlines()]
+    # the base's own greedy answers to the bundled questions, the unfinished ones left out
+    assert [r["instruction"] for r in rows] == [q for i, (q, a) in enumerate(zip(questions, seen["answers"]))
+                                                 if i % 2 == 0 and a.strip()]
+    assert [r["output"] for r in rows] == [a.strip() for i, a in enumerate(seen["answers"]) if i % 2 == 0 and a.strip()]
+    report = json.loads((run / "metrics.json").read_text())["data"]
+    assert report["sources"][1]["replay"] and report["sources"][1]["path"] == str(files[0])
+    assert report["sources"][1]["used"] == 10  # 0.2 of the mixture for 40 task rows
+    # the config as written still says 'self'; a second run reuses the cached answers
+    assert "path: self" in (run / "config.yaml").read_text()
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("asked the base again"))
+    train(config_from_dict({**cfg.model_dump(mode="json"), "output_dir": str(tmp_path / "run2")}), progress=False)
