@@ -523,6 +523,8 @@ def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, p
             resume = status == "running" and any((run / "checkpoints").glob("checkpoint-*/trainer_state.json"))
             train(cfg, overwrite=not resume, resume=True if resume else None, progress=progress, callbacks=[reporter])
         metrics = json.loads((run / "metrics.json").read_text())
+        if reporter.pruned_at is None and any(k.startswith("test.") for k in [spec.metric, *spec.constraints]):
+            metrics["test"] = _test_scores(run, progress)
     except Exception as e:
         if not isinstance(e, UserError):
             import traceback
@@ -541,8 +543,6 @@ def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, p
     # metrics.json holds the score after training; the other eval_* metrics come from the last evaluation
     # (the final one), which a run finished by a killed sweep left in log.jsonl only.
     final = reporter.final or _last_evaluation(run)
-    if any(k.startswith("test.") for k in [spec.metric, *spec.constraints]):
-        metrics = {**metrics, "test": _test_scores(run, progress)}
     lookup = lambda key: _lookup(metrics, key) if _lookup(metrics, key) is not None else final.get(key)  # noqa: E731
     if spec.constraints:
         got = {key: lookup(key) for key in spec.constraints}

@@ -349,3 +349,22 @@ def test_constraint_and_objective_names_are_checked(tmp_path):
     assert "'retention.kpt' is not a metric" in problems and "eval_retention: give min and/or max" in problems
     assert "constraints.retention.kept:" not in problems and "metric" not in problems.split("constraints")[0]
     assert spec.goal == "maximize"  # exact match, retention: higher is better
+
+
+def test_test_exact_match_objective_under_a_retention_constraint(tmp_path, tiny_base, capsys):
+    """The demo sweep's shape: exact match on data.test (scored after the trial), retention.kept bounded."""
+    config = write_config(tmp_path, tiny_base)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["test"] = str(write_jsonl(tmp_path / "test.jsonl", [{"prompt": r["instruction"], "completion": r["output"]}
+                                                                      for r in ROWS[:3]]))
+    config.write_text(yaml.safe_dump(data))
+    path = write_sweep(tmp_path, metric="test.exact_match", params={"training.learning_rate": {"values": [3e-2]}},
+                       constraints={"retention.kept": {"min": 0}})
+    assert main(["sweep", str(config), str(path), "--no-progress"]) == 0
+    [trial] = study_trials(tmp_path / "sweep")
+    run = Path(trial.user_attrs["run_dir"])
+    scored = json.loads((run / "eval.json").read_text())["generation"]["metrics"]["adapter"]
+    assert trial.value == scored["exact_match"]
+    kept = json.loads((run / "metrics.json").read_text())["retention"]["kept"]
+    assert json.loads(trial.user_attrs["constraints"]) == {"retention.kept": kept}
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text())["best"] == trial.number
