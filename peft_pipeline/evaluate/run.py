@@ -201,7 +201,7 @@ def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progr
         source = data
     elif cfg is not None and (settings.eval or settings.val_fraction > 0):
         # The same split, tokens and masks training saw (usually a cache hit).
-        _, evals, _ = build_datasets(settings, tokenizer, max_length, seed, progress=progress)
+        _, evals, _ = build_datasets(replay_as_trained(target, settings), tokenizer, max_length, seed, progress=progress)
         if evals is None:
             return None
         cols = evals.to_dict()
@@ -214,6 +214,21 @@ def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progr
     if limit:
         columns = {k: v[:limit] for k, v in columns.items()}
     return {"source": source, "columns": columns}
+
+
+def replay_as_trained(target, settings):
+    """data.replay.path 'self' as the file of base answers the run trained on (its data report names it)."""
+    import json
+
+    if settings.replay is None or settings.replay.path != "self":
+        return settings
+    metrics = target.out_dir / "metrics.json"
+    sources = json.loads(metrics.read_text()).get("data", {}).get("sources", []) if metrics.is_file() else []
+    used = [s["path"] for s in sources if s.get("replay")]
+    if not used or not Path(used[0]).is_file():
+        raise UserError(f"{target.out_dir}: the self-replay rows this run trained on are not found (metrics.json "
+                        "data.sources); pass --data FILE to compute the loss on a file")
+    return settings.model_copy(update={"replay": settings.replay.model_copy(update={"path": used[0], "format": "alpaca"})})
 
 
 # --------------------------------------------------------------------------- loss

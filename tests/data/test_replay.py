@@ -92,7 +92,7 @@ def test_self_replay_trains_on_the_base_own_answers_cached(tmp_path, tokenizer, 
     cfg = config_from_dict({
         "model": {"name": str(base)}, "lora": {"r": 4},
         "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "cache": False, "retention": None,
-                 "replay": {"fraction": 0.2, "path": "self"}},
+                 "replay": {"fraction": 0.2, "path": "self"}, "val_fraction": 0.1},
         "training": {"max_steps": 1, "per_device_train_batch_size": 4, "save_strategy": "no", "max_length": 256},
         "output_dir": str(tmp_path / "run"),
     })
@@ -121,6 +121,11 @@ def test_self_replay_trains_on_the_base_own_answers_cached(tmp_path, tokenizer, 
     report = json.loads((run / "metrics.json").read_text())["data"]
     assert report["sources"][1]["replay"] and report["sources"][1]["path"] == str(files[0])
     assert report["sources"][1]["used"] == 10  # 0.2 of the mixture for 40 task rows
+    # eval rebuilds the held-out split from the same mixture: the self-replay file the run trained on
+    from peft_pipeline.cli import main
+
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "eval.json").read_text())["loss"]["data"] == "val_fraction=0.1 of train"
     # the config as written still says 'self'; a second run reuses the cached answers
     assert "path: self" in (run / "config.yaml").read_text()
     monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("asked the base again"))
