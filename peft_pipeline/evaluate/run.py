@@ -66,11 +66,7 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
     report.update(method_scores(target, model, tokenizer, names, pair_data, test, answers, batch_size, progress))
     if retention_set is not None:
-        from peft_pipeline.evaluate.retention import check
-
-        system = target.config.data.system_prompt if target.config is not None else None
-        report["retention"] = {"file": retention_set[0], **check(
-            model, tokenizer, retention_set[1], stop_ids, system, batch_size, progress)}
+        report["retention"] = retention_report(target, model, tokenizer, retention_set, stop_ids, batch_size, progress)
     if harness is not None:
         report["harness"] = run_harness(target, model, tokenizer, names if target.adapter_dir is None else ["base", label],
                                         tasks, harness, harness_include, batch_size, limit)
@@ -80,6 +76,17 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     print_checks(report)
     print(f"[peft-pipeline] eval written to {out}")
     return report
+
+
+def retention_report(target, model, tokenizer, retention_set, stop_ids, batch_size: int, progress: bool) -> dict:
+    """Base vs adapter on the retention prompts; against the saved base answers when there is no adapter."""
+    from peft_pipeline.evaluate.retention import answer, check, compare
+
+    system = target.config.data.system_prompt if target.config is not None else None
+    file, items, base = retention_set
+    if base is None:
+        return {"file": file, **check(model, tokenizer, items, stop_ids, system, batch_size, progress)}
+    return {"file": file, **compare(items, base, answer(model, tokenizer, items, stop_ids, system, batch_size, progress))}
 
 
 def print_checks(report: dict[str, Any]) -> None:
@@ -166,21 +173,26 @@ def load_test_prompts(target, prompts: str | None, limit: int | None) -> dict | 
     return {"file": str(source), "prompts": rows[:limit] if limit else rows}
 
 
-def load_retention(target, setting: str | None, path) -> tuple[str, list] | None:
-    """(file, items) for --retention: FILE, or 'auto' = the run's data.retention, else the bundled set."""
-    from peft_pipeline.evaluate.retention import load, resolve
+def load_retention(target, setting: str | None, path) -> tuple[str, list, list | None] | None:
+    """(file, items, base answers or None) for --retention: FILE, or 'auto' = the run's data.retention, else the
+    bundled set. Without an adapter to switch off (freeze.method: top_layers, a merged model), 'auto' scores
+    against the base answers the run saved before training (retention-reference.jsonl)."""
+    from peft_pipeline.evaluate.retention import REFERENCE, load, read_reference, resolve
 
     if setting is None:
         return None
     if target.adapter_dir is None:
-        raise UserError(f"{path}: --retention compares base and adapter, and a merged model has no adapter to switch "
-                        "off; run it on the run directory instead", exit_code=2)
+        reference = target.out_dir / REFERENCE
+        if setting == "auto" and reference.is_file():
+            return (str(reference), *read_reference(reference))
+        raise UserError(f"{path}: --retention compares base and adapter, and this model has no adapter to switch "
+                        f"off nor a {REFERENCE} from training; run it on the run directory instead", exit_code=2)
     file = None
     if setting == "auto" and target.config is not None:
         file = resolve(target.config.data.retention, target.config.model.name)
     if file is None:
         file = resolve("bundled" if setting == "auto" else setting, "")
-    return str(file), load(file)
+    return str(file), load(file), None
 
 
 def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progress: bool) -> dict | None:

@@ -177,8 +177,15 @@ def test_top_layers_training_gets_the_check_too(tmp_path, base, tokenizer):
     file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
     cfg = train_config(tmp_path, base, "top", retention=str(file))
     cfg = config_from_dict({**cfg.model_dump(mode="json"), "freeze": {"method": "top_layers", "top_layers": 1}})
-    section = json.loads((train(cfg, progress=False) / "metrics.json").read_text())["retention"]
+    run = train(cfg, progress=False)
+    section = json.loads((run / "metrics.json").read_text())["retention"]
     assert section["base"] == n and len(section["answers"]) == n
+    # eval --retention on it: no adapter to switch off, so the saved reference is the base
+    from peft_pipeline.cli import main
+
+    assert main(["eval", str(run), "--retention", "--no-progress"]) == 0
+    again = json.loads((run / "eval.json").read_text())["retention"]
+    assert again["file"] == str(run / REFERENCE) and again["answers"] == section["answers"]
 
 
 def test_retention_at_evaluations_drives_early_stopping(tmp_path, base, tokenizer, capsys):
