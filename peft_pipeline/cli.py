@@ -51,7 +51,8 @@ def _eval(a) -> int:
 
     stage("eval", a.run)(a.run, data=a.data, prompts=a.prompts, compare_base=a.compare_base,
                          sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size, limit=a.limit,
-                         progress=_progress(a), retention=a.retention, pairs=a.pairs)
+                         progress=_progress(a), retention=a.retention, pairs=a.pairs,
+                         harness=a.harness.split(",") if a.harness else None, harness_include=a.harness_include)
     refresh_report(a.run)
     return 0
 
@@ -194,9 +195,12 @@ def _eval_args(p) -> None:
                         "or the bundled set); reports retained / lost")
     p.add_argument("--pairs", metavar="FILE", help="held-out preference pairs (prompt/chosen/rejected): accuracy and "
                                                    "margin of chosen over rejected (default: a DPO/ORPO/CPO/KTO run's eval pairs)")
+    p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks (comma-separated), base and adapter "
+                                                      "side by side; writes harness.json (needs the [harness] extra)")
+    p.add_argument("--harness-include", metavar="DIR", help="a directory of your own harness task YAML files")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward/generate batch (default 8)")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N examples and prompts")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N examples and prompts (and harness documents)")
     _no_progress(p)
 
 

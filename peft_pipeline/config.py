@@ -242,6 +242,28 @@ class AugmentSection(_Section):
     """Reorder the keys of a prompt that is a JSON object (an alpaca input or a whole user turn); the JSON stays equal."""
 
 
+class ReplaySection(_Section):
+    """General instruction rows mixed into training so the model keeps rehearsing what it knew (data/build.py)."""
+
+    fraction: float = Field(gt=0, lt=1)
+    """Share of the training mixture that is replay: 0.2 = one replay row per four task rows (seeded sample,
+    rows repeated when the replay set is smaller than needed)."""
+    path: str = "bundled"
+    """'bundled' (peft_pipeline/resources/replay-general.jsonl, ~350 templated general Q&A rows), 'self' (the
+    bundled questions with the base's own answers, generated before training and cached; method sft), or a dataset path."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    """Row format of `path` (auto = detected from the columns)."""
+
+    def rows_for(self, n_task: int) -> int:
+        """Replay rows to mix with `n_task` task rows so that they are `fraction` of the whole."""
+        return round(self.fraction * n_task / (1 - self.fraction))
+
+
+def _as_replay(value: Any) -> Any:
+    # `replay: 0.2` is shorthand for {fraction: 0.2} (the bundled set).
+    return {"fraction": value} if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 class DataSection(_Section):
     """What to train and validate on, and how it becomes tokens."""
 
@@ -267,10 +289,18 @@ class DataSection(_Section):
     augment: AugmentSection = AugmentSection()
     """Prompt variations during training (off by default)."""
     retention: str | None = "auto"
-    """Forgetting check after training (base vs adapter on general prompts): a JSONL file, 'bundled', or
-    'auto' (the bundled set when the base is the embedded one, else off); null: off."""
+    """Forgetting check (evaluate/retention.py): before training the base answers these general prompts
+    (saved as retention-reference.jsonl in the run), after training the model is scored against them.
+    A JSONL file of {prompt, expected?}, 'bundled' or 'auto' (both: the bundled set); null: off."""
+    retention_eval: bool = False
+    """Also score retention at every evaluation during training (eval_retention = prompts kept, in log.jsonl),
+    so early_stopping.metric and sweeps can use it. Costs one generation pass per evaluation."""
+    replay: ReplaySection | None = None
+    """Mix general rows into training against forgetting: a fraction (0.2, the bundled set) or
+    {fraction, path, format}; null: off."""
 
     _coerce_train = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _as_sources(v)))
+    _coerce_replay = field_validator("replay", mode="before")(classmethod(lambda cls, v: _as_replay(v)))
 
 
 class ClassificationSection(_Section):
@@ -664,6 +694,7 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
     if data.retention not in (None, "auto", "bundled") and not Path(data.retention).expanduser().is_file():
         add(("data", "retention"), f"{data.retention} does not exist; give a JSONL file of {{prompt, expected}}, "
                                    "'bundled', 'auto' or null")
+    problems += [f"{_where(lines, source, loc)}: {msg}" for loc, msg in _forgetting_problems(cfg)]
     if cfg.eval_requested and not data.eval and data.val_fraction == 0:
         asked_by = ("early_stopping", "patience") if cfg.early_stopping.enabled else ("training", "eval_strategy")
         add(asked_by, "evaluation requested but there is no eval data; set data.eval or data.val_fraction")
@@ -676,6 +707,23 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
     problems += _method_problems(cfg, lines, source)
     problems += _training_problems(cfg.training, lines, source, cfg.method)
     return problems
+
+
+def _forgetting_problems(cfg: RunConfig) -> list[tuple[tuple, str]]:
+    """(key path, problem) for data.retention_eval and data.replay settings that cannot work."""
+    data, out = cfg.data, []
+    if data.retention_eval and data.retention is None:
+        out.append((("data", "retention_eval"), "needs a retention set; set data.retention (e.g. bundled) or retention_eval: false"))
+    if data.retention_eval and not cfg.eval_requested:
+        out.append((("data", "retention_eval"), "scores at evaluations, and this run has none; set training.eval_strategy: "
+                                                "steps (and eval_steps) or early_stopping.patience"))
+    if data.replay and (cfg.method != "sft" or cfg.task != "causal_lm"):
+        out.append((("data", "replay"), f"replay mixes instruction rows into SFT; this run trains {cfg.task}/{cfg.method}; "
+                                        "remove it"))
+    if (data.replay and data.replay.path not in ("bundled", "self") and _looks_local(data.replay.path)
+            and not Path(data.replay.path).exists()):
+        out.append((("data", "replay", "path"), f"{data.replay.path} does not exist; give a dataset path, 'bundled' or 'self'"))
+    return out
 
 
 def _augment_problems(cfg: RunConfig, lines: dict[tuple, int], source: str) -> list[str]:

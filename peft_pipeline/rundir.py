@@ -7,7 +7,8 @@ A run directory, as `train` writes it:
   log.jsonl       one JSON object per logged step
   checkpoints/    trainer checkpoints (resumable)
   report.md       for people: loss/learning-rate plots, eval tables (report.py)
-Later stages write beside it: eval.json, merged/ + merge_report.json, export/ + export_report.json.
+  retention-reference.jsonl  the base's answers to the retention prompts, asked before training (evaluate/retention.py)
+Later stages write beside it: eval.json, harness.json, merged/ + merge_report.json, export/ + export_report.json.
 merge_report.json records where the merged model went (`merge --out DIR` included): see merged_dir.
 Only the main process writes. Later stages (eval, generate, chat, merge, export) take a run dir,
 a bare adapter dir or a merged model dir; `resolve` says which, and what each holds.

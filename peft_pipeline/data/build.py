@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_pipeline.config import DataSection, DataSource
+from peft_pipeline.config import DataSection, DataSource, ReplaySection
 from peft_pipeline.data.formats import RawSource, Row, detect_format, normalize, parse_line, raw_source, read_source
 from peft_pipeline.data.template import DATA_VERSION, ChatApply, Rendered, render_all, tokenize, tokenize_many
 from peft_pipeline.errors import UserError
 from peft_pipeline.paths import file_digest
 
+REPLAY_BUNDLED = Path(__file__).resolve().parents[1] / "resources" / "replay-general.jsonl"  # data/make_replay.py writes it
 
 
 @dataclass
@@ -46,7 +47,8 @@ class DataReport:
 
     def lines(self) -> list[str]:
         """Human summary, one fact per line."""
-        out = [f"data: {s['path']} ({s['format']}): {s['rows']} rows -> {s['used']} used" for s in self.sources]
+        out = [f"data: {'replay ' if s.get('replay') else ''}{s['path']} ({s['format']}): {s['rows']} rows -> {s['used']} used"
+               for s in self.sources]
         out.append(f"data: {self.examples.get('train', 0)} train / {self.examples.get('eval', 0)} eval examples; "
                    f"{self.tokens.get('train_total', 0)} tokens, {self.tokens.get('train_trained', 0)} carry loss")
         if self.dropped_overlong or self.truncated:
@@ -203,9 +205,10 @@ def fingerprint(settings: DataSection, tokenizer, max_length: int | None, seed: 
     h.update(f"v{DATA_VERSION}|{max_length}|{seed}|".encode())
     # retention never changes tokens; augment does (an 'example' column) only when enabled. Left out
     # otherwise, so the key, and caches written before these settings existed, stay the same.
-    skip = {"cache", "test", "retention", "num_proc"} | (set() if settings.augment.enabled else {"augment"})
+    skip = ({"cache", "test", "retention", "retention_eval", "num_proc"} | (set() if settings.augment.enabled else {"augment"})
+            | (set() if settings.replay else {"replay"}))
     h.update(settings.model_dump_json(exclude=skip).encode())
-    for src in settings.train + settings.eval:
+    for src in settings.train + settings.eval + replay_sources(settings):
         path = Path(src.path).expanduser()
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
         for f in files:
@@ -217,6 +220,19 @@ def fingerprint(settings: DataSection, tokenizer, max_length: int | None, seed: 
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     h.update(type(tokenizer).__name__.encode())
     return h.hexdigest()[:20]
+
+
+def replay_sources(settings: DataSection) -> list[DataSource]:
+    """data.replay as a training source (weight set later, from the task's row count); [] when off."""
+    replay: ReplaySection | None = settings.replay
+    if replay is None:
+        return []
+    return [DataSource(path=str(REPLAY_BUNDLED) if replay.path == "bundled" else replay.path, format=replay.format)]
+
+
+def with_replay_weight(replay: ReplaySection, src: DataSource, n_task: int, n_rows: int) -> DataSource:
+    """The replay source weighted so it yields replay.rows_for(n_task) rows out of its n_rows (repeating when short)."""
+    return src.model_copy(update={"weight": replay.rows_for(n_task) / n_rows})
 
 
 def build_datasets(settings: DataSection, tokenizer, max_length: int | None, seed: int,
@@ -314,9 +330,16 @@ def _build(settings: DataSection, tokenizer, max_length, seed, work: Path):
 
     report = DataReport()
     report.tokens["max_length"] = max_length
-    raw, specs, offsets = _write_raw(settings.train + settings.eval, work / "raw.arrow", report)
-    n_train_src = len(settings.train)
-    train_order = _mixed(settings.train, offsets[: n_train_src + 1], seed, report.sources)
+    train_sources = settings.train + replay_sources(settings)
+    raw, specs, offsets = _write_raw(train_sources + settings.eval, work / "raw.arrow", report)
+    n_train_src = len(train_sources)
+    if settings.replay:  # its weight depends on how many task rows the mixture holds
+        n_task = sum(len(mix_indices(src, stop - start, seed))
+                     for src, start, stop in zip(settings.train, offsets, offsets[1:]))
+        train_sources[-1] = with_replay_weight(settings.replay, train_sources[-1], n_task,
+                                               offsets[n_train_src] - offsets[n_train_src - 1])
+        report.sources[n_train_src - 1]["replay"] = True
+    train_order = _mixed(train_sources, offsets[: n_train_src + 1], seed, report.sources)
     if settings.eval:
         eval_order = _mixed(settings.eval, offsets[n_train_src:], seed, report.sources[n_train_src:])
     else:

@@ -1,24 +1,35 @@
-"""Forgetting check: does the adapter still answer the general prompts its base answered?
+"""Forgetting check: does the trained model still answer the general prompts its base answered?
 
-A retention set is JSONL, one `{"prompt": str, "expected": str | [str, ...]}` per line (other
-keys, such as the `base_answer` recorded by data/make_retention.py, are ignored). Each prompt is
-asked as one user turn (after the run's data.system_prompt, if any), greedy, with the run's
-chat template and stop tokens, once with the adapter switched off (the base) and once with it on.
-An answer is correct when an expected string occurs in it as a whole word or phrase, compared
-after metrics.normalize (case, spacing, surrounding punctuation).
+A retention set is JSONL, one `{"prompt": str, "expected"?: str | [str, ...]}` per line (other keys,
+such as the `base_answer` recorded by data/make_retention.py, are ignored). Each prompt is asked as
+one user turn (after the run's data.system_prompt, if any), greedy, MAX_NEW_TOKENS new tokens, with
+the run's chat template and stop tokens.
+
+Any base, offline: before training the model as it starts (the base: a new adapter is a no-op) answers
+every prompt; the answers are saved in the run as retention-reference.jsonl (REFERENCE) and, on resume,
+read back instead of asked again. After training (and, with data.retention_eval, at every evaluation)
+the trained model answers the same prompts and is scored against that reference:
+  - a prompt with `expected` strings is right when one occurs in the answer as a whole word or phrase,
+    compared after metrics.normalize (case, spacing, surrounding punctuation);
+  - a prompt without them is right when the answer equals the base's (normalized): a user's own prompts
+    need no answer key, the base's answer is the key.
+`same` counts answers identical to the base's (normalized), whatever the key says.
 
 The report says, per prompt, whether specialization cost it:
-  retained: right before and after;  lost: right with the base, wrong with the adapter;
+  retained: right before and after;  lost: right with the base, wrong after;
   gained:   wrong before, right after;  the rest were wrong both times.
+`kept` = len(retained) is the number sweeps and early stopping use (`retention.kept`, `eval_retention`).
 
 The bundled set (peft_pipeline/resources/retention-general.jsonl) holds only prompts the embedded base
-(SmolLM2-135M-Instruct) answers right, so with that base `lost` is exactly what training cost.
+(SmolLM2-135M-Instruct) answers right, so with that base `lost` is exactly what training cost; with
+another base the `base` count says how many it knew to begin with.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +39,12 @@ from peft_pipeline.report import summary_line
 
 BUNDLED = Path(__file__).resolve().parents[1] / "resources" / "retention-general.jsonl"  # package data: in every install
 MAX_NEW_TOKENS = 32  # the expected answers are a word or two; 32 tokens leave room for a sentence around them
+REFERENCE = "retention-reference.jsonl"  # in the run dir: the base's answers, asked before training
 
 
 @dataclass
 class Item:
-    """One retention prompt and the strings any of which makes an answer correct."""
+    """One retention prompt and the strings any of which makes an answer correct ([]: the base's answer is the key)."""
 
     prompt: str
     expected: list[str]
@@ -40,13 +52,11 @@ class Item:
 
 
 def resolve(setting: str | None, model_name: str) -> Path | None:
-    """The retention file a run uses: 'auto' = the bundled set for the embedded base (else none), 'bundled', a path."""
-    from peft_pipeline.config import EMBEDDED_BASE
-
+    """The retention file a run uses: 'auto' = the bundled set when installed, 'bundled', a path; None when off."""
     if setting is None:
         return None
-    if setting == "auto":
-        return BUNDLED if model_name == EMBEDDED_BASE and BUNDLED.is_file() else None
+    if setting == "auto":  # any base: the reference is the base's own answers, asked before training
+        return BUNDLED if BUNDLED.is_file() else None
     if setting == "bundled":
         if not BUNDLED.is_file():
             raise UserError(f"data.retention: the bundled set {BUNDLED} is missing from this install; pass a file path")
@@ -68,12 +78,12 @@ def load(path: str | Path) -> list[Item]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        prompt, expected = (row.get("prompt"), row.get("expected")) if isinstance(row, dict) else (None, None)
+        prompt, expected = (row.get("prompt"), row.get("expected", [])) if isinstance(row, dict) else (None, None)
         expected = [expected] if isinstance(expected, str) else expected
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"{where}: needs a non-empty string 'prompt'")
-        if not isinstance(expected, list) or not expected or not all(isinstance(e, str) and e.strip() for e in expected):
-            raise UserError(f"{where}: 'expected' must be a non-empty string or list of strings")
+        if not isinstance(expected, list) or not all(isinstance(e, str) and e.strip() for e in expected):
+            raise UserError(f"{where}: 'expected' must be a non-empty string or list of strings (or left out)")
         items.append(Item(prompt, expected, where))
     if not items:
         raise UserError(f"{path}: no retention prompts in the file")
@@ -92,10 +102,19 @@ def is_correct(answer: str, expected: list[str]) -> bool:
     return False
 
 
+def same(a: str, b: str) -> bool:
+    """The two answers are equal after metrics.normalize."""
+    from peft_pipeline.evaluate.metrics import normalize
+
+    return normalize(a) == normalize(b)
+
+
 def compare(items: list[Item], base_answers: list[str], adapter_answers: list[str]) -> dict[str, Any]:
     """The retention report from both models' answers: counts, and which prompts were retained, lost, gained."""
-    base_ok = [is_correct(a, it.expected) for a, it in zip(base_answers, items)]
-    adapter_ok = [is_correct(a, it.expected) for a, it in zip(adapter_answers, items)]
+    base_ok = [is_correct(b, it.expected) if it.expected else True for b, it in zip(base_answers, items)]
+    adapter_ok = [is_correct(a, it.expected) if it.expected else same(a, b)
+                  for a, b, it in zip(adapter_answers, base_answers, items)]
+    identical = [same(a, b) for a, b in zip(adapter_answers, base_answers)]
     pick = lambda want_b, want_a: [it.prompt for it, b, a in zip(items, base_ok, adapter_ok)  # noqa: E731
                                    if b == want_b and a == want_a]
     n = len(items)
@@ -103,38 +122,113 @@ def compare(items: list[Item], base_answers: list[str], adapter_answers: list[st
         "n": n,
         "base": sum(base_ok), "adapter": sum(adapter_ok),
         "base_rate": sum(base_ok) / n if n else 0.0, "adapter_rate": sum(adapter_ok) / n if n else 0.0,
+        "kept": sum(b and a for b, a in zip(base_ok, adapter_ok)), "same": sum(identical),
         "retained": pick(True, True), "lost": pick(True, False), "gained": pick(False, True),
         "answers": [{"prompt": it.prompt, "expected": it.expected, "base": b, "adapter": a,
-                     "base_correct": bo, "adapter_correct": ao}
-                    for it, b, a, bo, ao in zip(items, base_answers, adapter_answers, base_ok, adapter_ok)],
+                     "base_correct": bo, "adapter_correct": ao, "same": sm}
+                    for it, b, a, bo, ao, sm in zip(items, base_answers, adapter_answers, base_ok, adapter_ok, identical)],
     }
+
+
+def answer(model, tokenizer, items: list[Item], stop_ids: list[int], system_prompt: str | None = None,
+           batch_size: int = 8, progress: bool = False, name: str = "adapter") -> list[str]:
+    """Every prompt asked once, greedy, in eval mode; the training RNG streams are left as they were."""
+    from peft_pipeline.evaluate.generate import Prompt, Sampling, generate
+
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    prompts = [Prompt(messages=system + [{"role": "user", "content": it.prompt}], where=it.where) for it in items]
+    was_training = model.training
+    model.eval()  # no dropout while generating
+    try:
+        with rng_kept():
+            got = generate(model, tokenizer, prompts, stop_ids, Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size,
+                           progress, desc=f"Retention ({name})")
+    finally:
+        model.train(was_training)
+    return [a.text for a in got]
+
+
+@contextmanager
+def rng_kept():
+    """Python, NumPy and torch (CPU and CUDA) random states restored on exit.
+
+    Asking the reference before training must not move the generators the trainer draws dropout and
+    data order from: a resumed run (which reads the reference back instead) would diverge from an
+    uninterrupted one.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def check(model, tokenizer, items: list[Item], stop_ids: list[int], system_prompt: str | None = None,
           batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
     """Ask every prompt with the adapter off (base) and on; the comparison report (needs a PEFT model)."""
     from peft_pipeline.evaluate.generate import adapter_off
-    from peft_pipeline.evaluate.generate import Prompt, Sampling, generate
 
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    prompts = [Prompt(messages=system + [{"role": "user", "content": it.prompt}], where=it.where) for it in items]
-    sampling = Sampling(max_new_tokens=MAX_NEW_TOKENS)
     answers = {}
-    was_training = model.training
-    model.eval()  # no LoRA dropout while generating
-    try:
-        for name in ("base", "adapter"):
-            with adapter_off(model, name == "base"):
-                got = generate(model, tokenizer, prompts, stop_ids, sampling, batch_size, progress,
-                               desc=f"Retention ({name})")
-            answers[name] = [a.text for a in got]
-    finally:
-        model.train(was_training)
+    for name in ("base", "adapter"):
+        with adapter_off(model, name == "base"):
+            answers[name] = answer(model, tokenizer, items, stop_ids, system_prompt, batch_size, progress, name)
     return compare(items, answers["base"], answers["adapter"])
 
 
-def after_training(cfg, trainer, tokenizer) -> dict[str, Any] | None:
-    """The end-of-training check on the trained model in memory (main process); None when off or not possible."""
+def write_reference(path: Path, items: list[Item], answers: list[str]) -> None:
+    """The base's answers, one JSON line per prompt with its expected strings."""
+    from peft_pipeline.paths import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps({"prompt": it.prompt, "expected": it.expected, "base": a}, ensure_ascii=False)
+                               + "\n" for it, a in zip(items, answers)), encoding="utf-8")
+
+
+def read_reference(path: Path) -> tuple[list[Item], list[str]]:
+    """(items, base answers) from a run's retention-reference.jsonl."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Item(r["prompt"], r["expected"], f"{path}:{i}") for i, r in enumerate(rows, 1)], [r["base"] for r in rows]
+
+
+class Tracker:
+    """A run's retention set and reference: asked of the model before training, scored against after.
+
+    `start` writes (or, when resuming, reads back) <run>/retention-reference.jsonl; `score` asks the
+    model as it is now and compares. One object serves the end-of-training check and the
+    evaluation-time metric (train/callbacks.py RetentionEval).
+    """
+
+    def __init__(self, file: Path, run: Path, tokenizer, stop_ids: list[int], system_prompt: str | None, batch_size: int):
+        self.file, self.reference = file, run / REFERENCE
+        self.tokenizer, self.stop_ids, self.system, self.batch_size = tokenizer, stop_ids, system_prompt, batch_size
+        self.items: list[Item] = []
+        self.base: list[str] = []
+
+    def start(self, model) -> None:
+        """The base's answers: read back from the run (resume), else asked of `model` before it trains."""
+        if self.reference.is_file():
+            self.items, self.base = read_reference(self.reference)
+            return
+        self.items = load(self.file)
+        self.base = answer(model, self.tokenizer, self.items, self.stop_ids, self.system, self.batch_size, name="base")
+        write_reference(self.reference, self.items, self.base)
+
+    def score(self, model) -> dict[str, Any]:
+        """The retention report of `model` as it is now against the reference."""
+        now = answer(model, self.tokenizer, self.items, self.stop_ids, self.system, self.batch_size, name="trained")
+        return {"file": str(self.file), "reference": str(self.reference), **compare(self.items, self.base, now)}
+
+
+def tracker(cfg, trainer, tokenizer, run: Path) -> Tracker | None:
+    """The run's Tracker, started on the model before training (main process); None when off or not possible."""
     path = resolve(cfg.data.retention, cfg.model.name)
     if path is None:
         return None
@@ -145,8 +239,16 @@ def after_training(cfg, trainer, tokenizer) -> dict[str, Any] | None:
         return None
     from peft_pipeline.data.template import stop_ids
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    result = {"file": str(path), **check(model, tokenizer, load(path), stop_ids(tokenizer), cfg.data.system_prompt,
-                                         batch_size=int(cfg.sft_args.get("per_device_eval_batch_size", 8)))}
+    t = Tracker(path, run, tokenizer, stop_ids(tokenizer), cfg.data.system_prompt,
+                int(cfg.sft_args.get("per_device_eval_batch_size", 8)))
+    t.start(trainer.accelerator.unwrap_model(trainer.model))
+    return t
+
+
+def after_training(t: Tracker | None, trainer) -> dict[str, Any] | None:
+    """The end-of-training check on the trained model in memory; None when off."""
+    if t is None:
+        return None
+    result = t.score(trainer.accelerator.unwrap_model(trainer.model))
     print(f"[peft-pipeline] {summary_line(result)}", flush=True)
     return result

@@ -18,19 +18,24 @@ from typing import Any
 
 from peft_pipeline.errors import UserError
 from peft_pipeline.evaluate.generate import Prompt, Sampling, adapter_off, generate, one_line, read_prompts
+from peft_pipeline.evaluate.harness import check as check_harness
 from peft_pipeline.evaluate.preference import load_pairs
 from peft_pipeline.report import metric_rows
 
 EXAMPLES_SHOWN = 3
 
 
+# Over 50 lines by choice: the eval stage's one sequence (inputs checked, the model loaded once, each score, the
+# report), read top to bottom; each score is a helper below.
 def evaluate(path: str | Path, data: str | None = None, prompts: str | None = None, compare_base: bool = False,
              sampling: Sampling | None = None, batch_size: int = 8, limit: int | None = None,
-             progress: bool = True, retention: str | None = None, pairs: str | None = None) -> dict[str, Any]:
+             progress: bool = True, retention: str | None = None, pairs: str | None = None,
+             harness: list[str] | None = None, harness_include: str | None = None) -> dict[str, Any]:
     """Evaluate the model in `path`, print a summary, write eval.json next to it; return the report.
 
     `retention`: a JSONL file or 'auto' (the run's data.retention, else the bundled set): base vs adapter on
     general prompts. `pairs`: preference pairs to score (default: a DPO/ORPO/CPO/KTO run's held-out pairs).
+    `harness`: lm-evaluation-harness tasks, base and adapter (evaluate/harness.py; also written to harness.json).
     """
     from peft_pipeline.data.template import load_tokenizer, stop_token_ids
     from peft_pipeline.model.load import load_model
@@ -49,7 +54,8 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     loss_data = load_loss_data(target, tokenizer, data, limit, progress)
     retention_set = load_retention(target, retention, path)
     pair_data = load_pairs(target, pairs, limit)
-    if test is None and loss_data is None and retention_set is None and pair_data is None:
+    tasks = check_harness(harness, harness_include) if harness is not None else None  # its task index, before loading
+    if test is None and loss_data is None and retention_set is None and pair_data is None and harness is None:
         raise UserError(f"{path}: nothing to evaluate: the run config sets neither data.eval/val_fraction nor "
                         "data.test; pass --data FILE (loss) and/or --prompts FILE (generation)", exit_code=2)
     model = load_model(target, place_on_gpu=True)
@@ -60,20 +66,50 @@ def evaluate(path: str | Path, data: str | None = None, prompts: str | None = No
     report = build_report(target, names, sampling, batch_size, limit, stop_ids, loss_data, losses, test, answers)
     report.update(method_scores(target, model, tokenizer, names, pair_data, test, answers, batch_size, progress))
     if retention_set is not None:
-        from peft_pipeline.evaluate.retention import check
-
-        system = target.config.data.system_prompt if target.config is not None else None
-        report["retention"] = {"file": retention_set[0], **check(
-            model, tokenizer, retention_set[1], stop_ids, system, batch_size, progress)}
+        report["retention"] = retention_report(target, model, tokenizer, retention_set, stop_ids, batch_size, progress)
+    if harness is not None:
+        report["harness"] = run_harness(target, model, tokenizer, names if target.adapter_dir is None else ["base", label],
+                                        tasks, harness, harness_include, batch_size, limit)
     out = target.out_dir / "eval.json"
     write_json_atomic(out, report)
     print_report(report)
+    print_checks(report)
+    print(f"[peft-pipeline] eval written to {out}")
+    return report
+
+
+def retention_report(target, model, tokenizer, retention_set, stop_ids, batch_size: int, progress: bool) -> dict:
+    """Base vs adapter on the retention prompts; against the saved base answers when there is no adapter."""
+    from peft_pipeline.evaluate.retention import answer, check, compare
+
+    system = target.config.data.system_prompt if target.config is not None else None
+    file, items, base = retention_set
+    if base is None:
+        return {"file": file, **check(model, tokenizer, items, stop_ids, system, batch_size, progress)}
+    return {"file": file, **compare(items, base, answer(model, tokenizer, items, stop_ids, system, batch_size, progress))}
+
+
+def print_checks(report: dict[str, Any]) -> None:
+    """The harness table and the retention line, after the main report."""
+    if "harness" in report:
+        from peft_pipeline.evaluate.harness import table
+
+        print("\nlm-evaluation-harness:\n" + "\n".join(table(report["harness"])))
     if "retention" in report:
         from peft_pipeline.report import summary_line
 
         print(f"\n{summary_line(report['retention'])}")
-    print(f"[peft-pipeline] eval written to {out}")
-    return report
+
+
+def run_harness(target, model, tokenizer, names: list[str], manager, tasks: list[str], include: str | None,
+                batch_size: int, limit: int | None) -> dict[str, Any]:
+    """The harness tasks on each model in `names`, also written to <run>/harness.json."""
+    from peft_pipeline.evaluate.harness import run
+    from peft_pipeline.paths import write_json_atomic
+
+    result = run(model, tokenizer, manager, tasks, include, names, batch_size, limit)
+    write_json_atomic(target.out_dir / "harness.json", result)
+    return result
 
 
 def score_models(model, tokenizer, names: list[str], loss_data, test, stop_ids, sampling, batch_size: int,
@@ -137,21 +173,26 @@ def load_test_prompts(target, prompts: str | None, limit: int | None) -> dict | 
     return {"file": str(source), "prompts": rows[:limit] if limit else rows}
 
 
-def load_retention(target, setting: str | None, path) -> tuple[str, list] | None:
-    """(file, items) for --retention: FILE, or 'auto' = the run's data.retention, else the bundled set."""
-    from peft_pipeline.evaluate.retention import load, resolve
+def load_retention(target, setting: str | None, path) -> tuple[str, list, list | None] | None:
+    """(file, items, base answers or None) for --retention: FILE, or 'auto' = the run's data.retention, else the
+    bundled set. Without an adapter to switch off (freeze.method: top_layers, a merged model), 'auto' scores
+    against the base answers the run saved before training (retention-reference.jsonl)."""
+    from peft_pipeline.evaluate.retention import REFERENCE, load, read_reference, resolve
 
     if setting is None:
         return None
     if target.adapter_dir is None:
-        raise UserError(f"{path}: --retention compares base and adapter, and a merged model has no adapter to switch "
-                        "off; run it on the run directory instead", exit_code=2)
+        reference = target.out_dir / REFERENCE
+        if setting == "auto" and reference.is_file():
+            return (str(reference), *read_reference(reference))
+        raise UserError(f"{path}: --retention compares base and adapter, and this model has no adapter to switch "
+                        f"off nor a {REFERENCE} from training; run it on the run directory instead", exit_code=2)
     file = None
     if setting == "auto" and target.config is not None:
         file = resolve(target.config.data.retention, target.config.model.name)
     if file is None:
         file = resolve("bundled" if setting == "auto" else setting, "")
-    return str(file), load(file)
+    return str(file), load(file), None
 
 
 def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progress: bool) -> dict | None:
@@ -172,7 +213,7 @@ def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progr
         source = data
     elif cfg is not None and (settings.eval or settings.val_fraction > 0):
         # The same split, tokens and masks training saw (usually a cache hit).
-        _, evals, _ = build_datasets(settings, tokenizer, max_length, seed, progress=progress)
+        _, evals, _ = build_datasets(replay_as_trained(target, settings), tokenizer, max_length, seed, progress=progress)
         if evals is None:
             return None
         cols = evals.to_dict()
@@ -185,6 +226,21 @@ def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progr
     if limit:
         columns = {k: v[:limit] for k, v in columns.items()}
     return {"source": source, "columns": columns}
+
+
+def replay_as_trained(target, settings):
+    """data.replay.path 'self' as the file of base answers the run trained on (its data report names it)."""
+    import json
+
+    if settings.replay is None or settings.replay.path != "self":
+        return settings
+    metrics = target.out_dir / "metrics.json"
+    sources = json.loads(metrics.read_text()).get("data", {}).get("sources", []) if metrics.is_file() else []
+    used = [s["path"] for s in sources if s.get("replay")]
+    if not used or not Path(used[0]).is_file():
+        raise UserError(f"{target.out_dir}: the self-replay rows this run trained on are not found (metrics.json "
+                        "data.sources); pass --data FILE to compute the loss on a file")
+    return settings.model_copy(update={"replay": settings.replay.model_copy(update={"path": used[0], "format": "alpaca"})})
 
 
 # --------------------------------------------------------------------------- loss

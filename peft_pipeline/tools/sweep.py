@@ -34,9 +34,15 @@ from peft_pipeline.errors import UserError
 
 # metrics.json values a trial can be scored on besides the evaluation's eval_* metrics
 # (eval.accuracy and eval.macro_f1: the scores `task: classification` runs write after training).
-RUN_METRICS = ("train_loss", "final_logged_loss", "runtime_s", "eval.accuracy", "eval.macro_f1")
-# What SFTTrainer reports at each evaluation (mean_token_accuracy: share of trained tokens predicted right).
-EVAL_METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_runtime")
+# retention.kept/same: the forgetting check after training (evaluate/retention.py); test.*: generation metrics on
+# data.test, scored after the trial (evaluate/run.py) only when the metric or a constraint names one.
+RUN_METRICS = ("train_loss", "final_logged_loss", "runtime_s", "eval.accuracy", "eval.macro_f1",
+               "retention.kept", "retention.same", "test.exact_match", "test.json_valid")
+# What SFTTrainer reports at each evaluation (mean_token_accuracy: share of trained tokens predicted right),
+# and the retention score at each evaluation with data.retention_eval.
+EVAL_METRICS = ("eval_loss", "eval_mean_token_accuracy", "eval_entropy", "eval_runtime",
+                "eval_retention", "eval_retention_same")
+HIGHER_IS_BETTER = ("accuracy", "f1", "retention", "exact_match", "json_valid")
 MAX_RETRIES = 3  # a trial killed more often than this is left failed
 GRID_CHECK_LIMIT = 256  # grids up to this size have every point validated up front
 
@@ -89,6 +95,21 @@ class PruningSection(_Section):
     """threshold: the metric value beyond which a trial is stopped (above it when minimizing)."""
 
 
+class Bound(_Section):
+    """A constraint on one metric: a trial outside [min, max] is infeasible and never the best."""
+
+    min: float | None = None
+    """Lowest acceptable value (inclusive)."""
+    max: float | None = None
+    """Highest acceptable value (inclusive)."""
+
+    def violation(self, value: float | None) -> float:
+        """How far outside the bounds (0 = satisfied; a missing value is infinitely far)."""
+        if value is None or not math.isfinite(value):
+            return math.inf
+        return max((self.min - value) if self.min is not None else 0.0, (value - self.max) if self.max is not None else 0.0, 0.0)
+
+
 class SweepConfig(_Section):
     """A sweep file. YAML keys equal these field names."""
 
@@ -98,7 +119,10 @@ class SweepConfig(_Section):
     """What scores a trial: the final evaluation's eval_loss, eval_mean_token_accuracy, eval_entropy or eval_runtime,
     or metrics.json's train_loss, final_logged_loss, runtime_s, eval.accuracy or eval.macro_f1 (classification)."""
     direction: Literal["minimize", "maximize"] | None = None
-    """None: maximize accuracies and F1, minimize everything else."""
+    """None: maximize accuracies, F1, retention and exact match; minimize everything else."""
+    constraints: dict[str, Bound] = {}
+    """Metrics a trial must keep within bounds to count: {"retention.kept": {min: 42}} maximizes `metric` among
+    trials that keep at least 42 retention prompts (TPE also learns to avoid the infeasible region)."""
     trials: int | None = Field(None, gt=0)
     """Trials to finish (complete, pruned or failed), across re-runs and workers; grid: default the grid size."""
     seed: int = 0
@@ -118,7 +142,7 @@ class SweepConfig(_Section):
     @property
     def goal(self) -> str:
         """The direction, with its default resolved."""
-        return self.direction or ("maximize" if "accuracy" in self.metric or "f1" in self.metric else "minimize")
+        return self.direction or ("maximize" if any(w in self.metric for w in HIGHER_IS_BETTER) else "minimize")
 
     @property
     def name(self) -> str:
@@ -199,6 +223,7 @@ def spec_problems(spec: SweepConfig, lines: dict[tuple, int] = {}, source: str =
         close = difflib.get_close_matches(spec.metric, EVAL_METRICS + RUN_METRICS, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"one of {', '.join(EVAL_METRICS + RUN_METRICS)}"
         add(("metric",), f"{spec.metric!r} is not a metric a run produces ({hint})")
+    problems += [f"{_where(lines, source, ('constraints', key))}: {msg}" for key, msg in _constraint_problems(spec)]
     pr = spec.pruning
     if pr.enabled and not spec.metric.startswith("eval_"):
         add(("pruning", "enabled"), f"pruning compares evaluations during training; {spec.metric} is known only "
@@ -208,6 +233,17 @@ def spec_problems(spec: SweepConfig, lines: dict[tuple, int] = {}, source: str =
     if spec.method == "grid" and spec.params and not problems and len(grid_points(spec)) == 0:
         add(("params",), "the grid is empty")
     return problems
+
+
+def _constraint_problems(spec: SweepConfig) -> list[tuple[str, str]]:
+    """(key, problem) for constraints on unknown metrics or without a bound."""
+    out = []
+    for key, bound in spec.constraints.items():
+        if key not in EVAL_METRICS + RUN_METRICS:
+            out.append((key, f"{key!r} is not a metric a run produces (one of {', '.join(EVAL_METRICS + RUN_METRICS)})"))
+        if bound.min is None and bound.max is None:
+            out.append((key, "give min and/or max"))
+    return out
 
 
 def grid_points(spec: SweepConfig) -> list[dict[str, Any]]:
@@ -356,7 +392,13 @@ def make_sampler(spec: SweepConfig, offset: int = 0):
     if spec.method == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed + offset)
     startup = spec.tpe_startup_trials or min(10, max(2, (spec.trials or 8) // 4))
-    return optuna.samplers.TPESampler(seed=spec.seed + offset, n_startup_trials=startup)
+    constraints = {"constraints_func": _violations} if spec.constraints else {}
+    return optuna.samplers.TPESampler(seed=spec.seed + offset, n_startup_trials=startup, **constraints)
+
+
+def _violations(trial) -> list[float]:
+    """Optuna's constraint values for a finished trial (<= 0 feasible), stored by `objective`."""
+    return json.loads(trial.user_attrs.get("violations", "[]")) or [0.0]
 
 
 def make_pruner(spec: SweepConfig):
@@ -456,6 +498,8 @@ def work(study, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, progre
         _free_accelerator_memory()
 
 
+# Over 50 lines by choice: one trial from config to score in one place (run, failure, pruning, constraints, score),
+# the order Optuna needs them in.
 def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, progress: bool) -> float:
     """One trial: a real training run in its own run dir, scored on spec.metric."""
     import optuna
@@ -479,6 +523,8 @@ def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, p
             resume = status == "running" and any((run / "checkpoints").glob("checkpoint-*/trainer_state.json"))
             train(cfg, overwrite=not resume, resume=True if resume else None, progress=progress, callbacks=[reporter])
         metrics = json.loads((run / "metrics.json").read_text())
+        if reporter.pruned_at is None and any(k.startswith("test.") for k in [spec.metric, *spec.constraints]):
+            metrics["test"] = _test_scores(run, progress)
     except Exception as e:
         if not isinstance(e, UserError):
             import traceback
@@ -497,13 +543,29 @@ def objective(trial, spec: SweepConfig, base: dict[str, Any], sweep_dir: Path, p
     # metrics.json holds the score after training; the other eval_* metrics come from the last evaluation
     # (the final one), which a run finished by a killed sweep left in log.jsonl only.
     final = reporter.final or _last_evaluation(run)
-    value = _lookup(metrics, spec.metric)
-    value = final.get(spec.metric) if value is None else value
+    lookup = lambda key: _lookup(metrics, key) if _lookup(metrics, key) is not None else final.get(key)  # noqa: E731
+    if spec.constraints:
+        got = {key: lookup(key) for key in spec.constraints}
+        trial.set_user_attr("constraints", json.dumps(got))
+        trial.set_user_attr("violations", json.dumps([min(b.violation(got[k]), 1e9) for k, b in spec.constraints.items()]))
+    value = lookup(spec.metric)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         have = sorted(k for k, v in {**metrics, **final}.items() if isinstance(v, (int, float)))
         trial.set_user_attr("error", f"metric {spec.metric} is {value!r}; this run has {', '.join(have)}")
         raise UserError(f"trial {trial.number}: {trial.user_attrs['error']}")
     return float(value)
+
+
+def _test_scores(run: Path, progress: bool) -> dict[str, Any]:
+    """The trained model's generation metrics on the run's data.test (evaluate/run.py; eval.json in the run)."""
+    from peft_pipeline.evaluate.run import evaluate
+
+    if (run / "eval.json").is_file():  # a re-run sweep: scored already
+        report = json.loads((run / "eval.json").read_text())
+    else:
+        with contextlib.redirect_stdout(sys.stderr):  # eval's table would break the sweep's progress lines
+            report = evaluate(run, progress=progress)
+    return (report.get("generation") or {}).get("metrics", {}).get("adapter", {})
 
 
 def _lookup(metrics: dict[str, Any], key: str) -> Any:
@@ -545,6 +607,9 @@ def progress_line(study, spec: SweepConfig, t, goal: int) -> str:
     values = ", ".join(f"{k}={_fmt(v)}" for k, v in json.loads(t.user_attrs.get("values", "{}")).items())
     if t.state == TrialState.COMPLETE:
         outcome = f"{spec.metric}={t.value:.4f}"
+        if spec.constraints:
+            got = json.loads(t.user_attrs.get("constraints", "{}"))
+            outcome += " (" + ", ".join(f"{k}={_fmt(v)}" for k, v in got.items()) + ("" if feasible(t) else "; fails constraints") + ")"
     elif t.state == TrialState.PRUNED:
         outcome = f"pruned at step {t.user_attrs.get('pruned_at')}"
     else:
@@ -559,11 +624,16 @@ def progress_line(study, spec: SweepConfig, t, goal: int) -> str:
 def _best(study):
     from optuna.trial import TrialState
 
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible(t)]
     if not done:
         return None
     pick = min if study.direction.name == "MINIMIZE" else max
     return pick(done, key=lambda t: t.value)
+
+
+def feasible(t) -> bool:
+    """The trial met every constraint of the sweep (trivially when it has none)."""
+    return all(v <= 0 for v in json.loads(t.user_attrs.get("violations", "[]")))
 
 
 def _fmt(v: Any) -> str:
@@ -585,34 +655,50 @@ def write_results(study, spec: SweepConfig, sweep_dir: Path) -> str:
             state = "interrupted"  # killed or Ctrl-C: queued again (see recover_interrupted)
         if "retry_history" in t.system_attrs:
             state += f" (retry of {t.system_attrs['failed_trial']})"
+        if t.state.name == "COMPLETE" and not feasible(t):
+            state += " (fails constraints)"
         score = t.value if t.value is not None else (list(t.intermediate_values.values()) or [None])[-1]
         rows.append({"trial": t.number, "state": state, "params": values, spec.metric: score,
+                     "constraints": json.loads(t.user_attrs.get("constraints", "{}")),
                      "steps": t.user_attrs.get("pruned_at") or t.user_attrs.get("steps"),
                      "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error"),
                      "best": best is not None and t.number == best.number})
     keys = list(spec.params)
-    head = ["trial", "state", *keys, spec.metric, "steps", "run dir"]
+    limits = list(spec.constraints)
+    head = ["trial", "state", *keys, spec.metric, *limits, "steps", "run dir"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         score = "" if r[spec.metric] is None else f"{r[spec.metric]:.4f}"
         cells = [f"**{r['trial']} (best)**" if r["best"] else str(r["trial"]), r["state"],
-                 *(_fmt(r["params"].get(k)) for k in keys), score, str(r["steps"] or ""), r["run_dir"] or ""]
+                 *(_fmt(r["params"].get(k)) for k in keys), score,
+                 *(_fmt(r["constraints"].get(k, "")) for k in limits), str(r["steps"] or ""), r["run_dir"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     errors = [f"- trial {r['trial']}: {r['error']}" for r in rows if r["error"]]
     if errors:
         table += "\n\nFailed trials:\n" + "\n".join(errors)
-    summary = (f"best: trial {best.number}, {spec.metric} = {best.value:.4f} ({spec.goal}); config: {sweep_dir / 'best.yaml'}"
-               if best else "no trial completed yet")
+    summary = _summary(spec, best, sweep_dir)
     (sweep_dir / "results.md").write_text(
         f"# Sweep {spec.name}\n\n{spec.method} search over {', '.join(keys)}; {spec.metric} ({spec.goal}); "
         f"{len(rows)} trials in {sweep_dir / 'study.db'}\n\n{table}\n\n{summary}\n")
     write_json_atomic(sweep_dir / "results.json", {"study": spec.name, "method": spec.method, "metric": spec.metric,
-                                                   "direction": spec.goal, "best": best.number if best else None,
+                                                   "direction": spec.goal,
+                                                   "constraints": {k: b.model_dump() for k, b in spec.constraints.items()}, "best": best.number if best else None,
                                                    "trials": rows})
     if best is not None:
         write_best_config(study, spec, best, sweep_dir)
     return table + "\n\n" + summary
+
+
+def _summary(spec: SweepConfig, best, sweep_dir: Path) -> str:
+    """The results' last line: the best trial (and the constraints it met)."""
+    summary = (f"best: trial {best.number}, {spec.metric} = {best.value:.4f} ({spec.goal}); config: {sweep_dir / 'best.yaml'}"
+               if best else "no trial met the constraints yet" if spec.constraints else "no trial completed yet")
+    if spec.constraints:
+        summary += "; constraints: " + ", ".join(f"{k} in [{_fmt(b.min) if b.min is not None else '-inf'}, "
+                                                  f"{_fmt(b.max) if b.max is not None else 'inf'}]"
+                                                  for k, b in spec.constraints.items())
+    return summary
 
 
 def write_best_config(study, spec: SweepConfig, best, sweep_dir: Path) -> Path:
@@ -744,7 +830,9 @@ def _fingerprint(config: str, spec: SweepConfig, overrides) -> str:
     # Trial counts and pruning may change between re-runs (e.g. raise `trials` to continue a sweep).
     h = hashlib.sha256(Path(config).read_bytes())
     h.update(json.dumps(list(overrides)).encode())
-    h.update(spec.model_dump_json(include={"method", "metric", "direction", "fixed", "params", "seed"}).encode())
+    # constraints only when set: sweeps from before they existed keep their fingerprint
+    include = {"method", "metric", "direction", "fixed", "params", "seed"} | ({"constraints"} if spec.constraints else set())
+    h.update(spec.model_dump_json(include=include).encode())
     return h.hexdigest()[:16]
 
 

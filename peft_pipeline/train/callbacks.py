@@ -111,3 +111,43 @@ class TrialReporter(TrainerCallback):
         if self.trial.should_prune():
             self.pruned_at = state.global_step
             control.should_training_stop = True
+
+
+class RetentionEval(TrainerCallback):
+    """data.retention_eval: at each evaluation during training, the retention score joins the eval metrics.
+
+    Adds eval_retention (prompts kept) and eval_retention_same (answers identical to the base's) to the
+    metrics dict before the callbacks after it (early stopping, a sweep's trial reporter) and the
+    trainer's best-checkpoint choice read it; the trainer has already logged that dict, so the values
+    go to log.jsonl as their own line and into the logged evaluation in the trainer state. Must be the
+    first callback (see `install`). The final evaluation after training is left to the end-of-run check.
+    """
+
+    def __init__(self, tracker, model, log: Path):
+        self.tracker, self.model, self.log = tracker, model, log
+        self.training = False
+
+    @classmethod
+    def install(cls, trainer, tracker, log: Path) -> None:
+        """Put it ahead of every other callback, so they see the retention metrics."""
+        cb = cls(tracker, trainer.accelerator.unwrap_model(trainer.model), log)
+        trainer.callback_handler.callbacks.insert(0, cb)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.training or metrics is None:
+            return
+        result = self.tracker.score(self.model)
+        scores = {"eval_retention": result["kept"], "eval_retention_same": result["same"]}
+        metrics.update(scores)
+        if state.log_history and "eval_loss" in state.log_history[-1]:
+            state.log_history[-1].update(scores)
+        if state.is_world_process_zero:
+            rundir.append_log(self.log, state, {**scores, "retention_lost": result["lost"]})
+            print(f"[peft-pipeline] step {state.global_step}: retention {result['kept']}/{result['base']} kept, "
+                  f"{result['same']}/{result['n']} answers as the base's", flush=True)

@@ -42,12 +42,13 @@ def train(cfg: RunConfig, method, overwrite: bool = False, resume: str | bool | 
     rundir.start(run, cfg, overwrite, resume, state)
     trainer, facts = method.setup(cfg, prep, run, state)
     add_callbacks(trainer, run, callbacks)
+    retention = start_retention(cfg, trainer, prep, run, method, state)  # the base's answers, before training
     metrics = {**facts, **fit(trainer, run, resume, state), **method.finish(trainer, prep)}
     weights = gather_sharded_weights(trainer)  # every rank joins; None when not sharded
     if state.is_main_process:
         method.save(trainer, prep, cfg, run, weights)
-        if method.generates_text:
-            metrics.update(after_training(cfg, trainer, prep))
+        if retention is not None:
+            metrics["retention"] = after_training(retention, trainer)
         rundir.finish(run, {**metrics, "data_files": rundir.data_fingerprints(cfg), "git_commit": rundir.git_commit()})
         refresh_report(run)
     state.wait_for_everyone()
@@ -105,12 +106,32 @@ def fit(trainer, run: Path, resume, state) -> dict:
     }
 
 
-def after_training(cfg: RunConfig, trainer, prep: Prepared) -> dict:
-    """The forgetting check on the model still in memory: base vs adapter on general prompts."""
+def start_retention(cfg: RunConfig, trainer, prep: Prepared, run: Path, method, state):
+    """The forgetting check's reference: the base's answers to the retention set, asked (or read back on resume)
+    on the main process before training; with data.retention_eval, scored again at every evaluation."""
+    from peft_pipeline.errors import UserError
+    from peft_pipeline.evaluate.retention import tracker
+
+    if not method.generates_text or cfg.data.retention is None:
+        return None
+    if cfg.data.retention_eval and state.num_processes > 1:
+        raise UserError("data.retention_eval: scored on one process only (this launch has "
+                        f"{state.num_processes}); set it to false or launch one process", exit_code=2)
+    if not state.is_main_process:
+        return None
+    t = tracker(cfg, trainer, prep.tokenizer, run)
+    if t is not None and cfg.data.retention_eval:
+        from peft_pipeline.train.callbacks import RetentionEval
+
+        RetentionEval.install(trainer, t, run / "log.jsonl")
+    return t
+
+
+def after_training(retention, trainer) -> dict | None:
+    """The forgetting check on the model still in memory, against the reference asked before training."""
     from peft_pipeline.evaluate.retention import after_training as retention_check
 
-    retention = retention_check(cfg, trainer, prep.tokenizer)
-    return {"retention": retention} if retention is not None else {}
+    return retention_check(retention, trainer)
 
 
 # --------------------------------------------------------------------------- helpers

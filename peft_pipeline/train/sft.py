@@ -29,9 +29,12 @@ class SFT:
         from peft_pipeline.data.build import build_datasets
         from peft_pipeline.data.template import end_of_turn, ensure_chat_template
 
+        from peft_pipeline.train import self_replay
+
         validate_against_model(cfg, path)
         template = ensure_chat_template(tokenizer, cfg.model.chat_template)
-        train_ds, eval_ds, report = build_datasets(cfg.data, tokenizer, cfg.max_length, cfg.seed, progress=progress)
+        data = self_replay.resolve(cfg, path, tokenizer).data  # replay: self -> the base's own answers (cached)
+        train_ds, eval_ds, report = build_datasets(data, tokenizer, cfg.max_length, cfg.seed, progress=progress)
         lines = [*report.lines(), f"chat template: {template}; end of turn: {end_of_turn(tokenizer)!r}"]
         return Prepared(path, tokenizer, train_ds, eval_ds, lines, {"data": report, "chat_template": template})
 

@@ -1,4 +1,5 @@
-"""Forgetting check (retention.py): scoring, base vs adapter, the end-of-training hook and eval --retention."""
+"""Forgetting check (retention.py): scoring, base vs adapter, the reference asked before training for any base,
+the end-of-training hook, the evaluation-time metric, early stopping on it, and eval --retention."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from peft_pipeline.evaluate.retention import BUNDLED, MAX_NEW_TOKENS, check, load
+from peft_pipeline.evaluate.retention import BUNDLED, MAX_NEW_TOKENS, REFERENCE, check, load, rng_kept
 from peft_pipeline.errors import UserError
 from peft_pipeline.evaluate.retention import Item, compare, is_correct, summary_line
 
@@ -32,8 +33,31 @@ def test_compare_sorts_prompts_into_retained_lost_gained():
     assert (result["n"], result["base"], result["adapter"]) == (4, 2, 2)
     assert result["retained"] == ["a?"] and result["lost"] == ["b?"] and result["gained"] == ["c?"]
     assert result["answers"][1] == {"prompt": "b?", "expected": ["y"], "base": "y", "adapter": "nope",
-                                    "base_correct": True, "adapter_correct": False}
+                                    "base_correct": True, "adapter_correct": False, "same": False}
+    assert (result["kept"], result["same"]) == (1, 2)  # a? and d? answered as the base did
     assert summary_line(result) == "retention: 1/2 kept (base 2/4, adapter 2/4), lost: 'b?', gained: 'c?'"
+
+
+def test_prompts_without_expected_answers_are_scored_against_the_base():
+    items = [Item("a?", [], "f:1"), Item("b?", [], "f:2"), Item("c?", ["x"], "f:3")]
+    result = compare(items, base_answers=["Paris.", "four", "x"], adapter_answers=["paris", "4", "no"])
+    # the base's answer is the key: normalized equality keeps a?, loses b?; c? has its own key
+    assert (result["base"], result["adapter"], result["kept"], result["same"]) == (3, 1, 1, 1)
+    assert result["lost"] == ["b?", "c?"]
+
+
+def test_rng_kept_leaves_every_generator_where_it_was():
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    with rng_kept():
+        random.random(), np.random.rand(5), torch.rand(7), torch.randn(3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
 def test_bundled_set_loads_and_holds_the_base_answers():
@@ -46,9 +70,11 @@ def test_bundled_set_loads_and_holds_the_base_answers():
 
 def test_bad_retention_files_name_the_line(tmp_path):
     bad = tmp_path / "r.jsonl"
-    bad.write_text('{"prompt": "a?", "expected": "x"}\n{"prompt": "b?"}\n')
-    with pytest.raises(UserError, match=r"r.jsonl:2: 'expected' must be"):
+    bad.write_text('{"prompt": "a?", "expected": "x"}\n{"prompt": "b?", "expected": []}\n{"prompt": "c?", "expected": 3}\n')
+    with pytest.raises(UserError, match=r"r.jsonl:3: 'expected' must be"):
         load(bad)
+    bad.write_text('{"prompt": "a?", "expected": "x"}\n{"prompt": "b?"}\n')
+    assert [it.expected for it in load(bad)] == [["x"], []]  # no expected: the base's answer is the key
     bad.write_text('{"prompt": "a?", "expected": "x"\n')
     with pytest.raises(UserError, match=r"r.jsonl:1: malformed JSON"):
         load(bad)
@@ -95,27 +121,98 @@ def test_random_adapter_loses_what_the_base_answered(tmp_path, base, tokenizer):
     assert len(result["retained"]) + len(result["lost"]) == n and result["gained"] == []
 
 
+def train_config(tmp_path, base, name: str, **data):
+    from peft_pipeline.config import config_from_dict
+
+    return config_from_dict(train_dict(tmp_path, base, name, **data))
+
+
+def train_dict(tmp_path, base, name: str, **data) -> dict:
+    return {
+        "model": {"name": str(base)}, "lora": {"r": 4},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "cache": False, **data},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "save_strategy": "no",
+                     "max_length": 128},
+        "output_dir": str(tmp_path / name),
+    }
+
+
 def test_training_writes_the_retention_section(tmp_path, base, tokenizer, capsys):
+    from peft_pipeline.tasks import train
+
+    file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
+    run = train(train_config(tmp_path, base, "run", retention=str(file)), progress=False)
+    section = json.loads((run / "metrics.json").read_text())["retention"]
+    assert section["file"] == str(file) and section["n"] == n and section["base"] == n
+    assert len(section["retained"]) + len(section["lost"]) == n and len(section["answers"]) == n
+    assert section["kept"] == len(section["retained"])
+    assert f"retention: {len(section['retained'])}/{n} kept" in capsys.readouterr().out
+
+
+def test_any_base_is_checked_against_its_own_answers_asked_before_training(tmp_path, base, tokenizer):
+    """'auto' (the default) on a base other than the embedded one: the bundled prompts, the base's answers as reference."""
+    from peft_pipeline.tasks import train
+
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": p} for p in PROMPTS[:4]])  # no expected answers
+    for name, setting, prompts in (("auto", "auto", [it.prompt for it in load(BUNDLED)]), ("mine", str(mine), PROMPTS[:4])):
+        run = train(train_config(tmp_path, base, name, retention=setting), progress=False)
+        reference = [json.loads(line) for line in (run / REFERENCE).read_text().splitlines()]
+        # the reference is what the untrained base says, asked exactly as the check asks
+        assert [r["prompt"] for r in reference] == prompts
+        assert [r["base"] for r in reference] == base_answers(base, tokenizer, prompts)
+        section = json.loads((run / "metrics.json").read_text())["retention"]
+        assert section["n"] == len(prompts) and section["reference"] == str(run / REFERENCE)
+        assert [a["base"] for a in section["answers"]] == [r["base"] for r in reference]
+    assert section["base"] == 4  # no expected answers: every base answer is right by definition
+    assert section["kept"] == section["same"]  # ... and kept means answered as the base did
+    off = train(train_config(tmp_path, base, "off", retention=None), progress=False)
+    assert "retention" not in json.loads((off / "metrics.json").read_text()) and not (off / REFERENCE).exists()
+
+
+def test_top_layers_training_gets_the_check_too(tmp_path, base, tokenizer):
+    """No adapter to switch off: the reference asked before training is the base."""
     from peft_pipeline.config import config_from_dict
     from peft_pipeline.tasks import train
 
     file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
-    cfg = config_from_dict({
-        "model": {"name": str(base)}, "lora": {"r": 4},
-        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", ROWS)), "cache": False, "retention": str(file)},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "save_strategy": "no",
-                     "max_length": 128},
-        "output_dir": str(tmp_path / "run"),
-    })
+    cfg = train_config(tmp_path, base, "top", retention=str(file))
+    cfg = config_from_dict({**cfg.model_dump(mode="json"), "freeze": {"method": "top_layers", "top_layers": 1}})
     run = train(cfg, progress=False)
     section = json.loads((run / "metrics.json").read_text())["retention"]
-    assert section["file"] == str(file) and section["n"] == n and section["base"] == n
-    assert len(section["retained"]) + len(section["lost"]) == n and len(section["answers"]) == n
-    assert f"retention: {len(section['retained'])}/{n} kept" in capsys.readouterr().out
-    # off for a base other than the embedded one unless asked: no section, no cost
-    cfg2 = config_from_dict({**cfg.model_dump(mode="json"), "output_dir": str(tmp_path / "run2"),
-                             "data": {**cfg.data.model_dump(mode="json"), "retention": "auto"}})
-    assert "retention" not in json.loads((train(cfg2, progress=False) / "metrics.json").read_text())
+    assert section["base"] == n and len(section["answers"]) == n
+    # eval --retention on it: no adapter to switch off, so the saved reference is the base
+    from peft_pipeline.cli import main
+
+    assert main(["eval", str(run), "--retention", "--no-progress"]) == 0
+    again = json.loads((run / "eval.json").read_text())["retention"]
+    assert again["file"] == str(run / REFERENCE) and again["answers"] == section["answers"]
+
+
+def test_retention_at_evaluations_drives_early_stopping(tmp_path, base, tokenizer, capsys):
+    from peft_pipeline.config import config_from_dict
+    from peft_pipeline.tasks import train
+
+    file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
+    data = train_dict(tmp_path, base, "es", retention=str(file), retention_eval=True,
+                      eval=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])))
+    data["training"].update(max_steps=6, learning_rate=5e-2, save_strategy="steps")
+    data["early_stopping"] = {"patience": 1, "metric": "retention", "eval_steps": 2}
+    run = train(config_from_dict(data), progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    scored = [r for r in log if "eval_retention" in r]
+    assert scored and all(0 <= r["eval_retention"] <= n for r in scored)
+    assert [r["step"] for r in scored] == sorted({r["step"] for r in log if "eval_loss" in r})[:len(scored)]
+    metrics = json.loads((run / "metrics.json").read_text())
+    # higher is better for retention: the best checkpoint holds the most kept prompts seen at any evaluation
+    assert metrics["best_metric"] == max(r["eval_retention"] for r in scored)
+    assert "retention " in capsys.readouterr().out
+
+
+def test_retention_eval_needs_evaluations(tmp_path, base):
+    from peft_pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.retention_eval: scores at evaluations"):
+        train_config(tmp_path, base, "x", retention_eval=True)
 
 
 def test_eval_retention_flag(tmp_path, base, tokenizer, capsys):

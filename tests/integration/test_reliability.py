@@ -187,6 +187,9 @@ def test_sigkill_mid_training_then_resume_matches_the_uninterrupted_run(work, ti
     assert max(abs(ref[s] - got[s]) for s in ref) <= TOL
     for key in ("final_logged_loss", "train_loss"):  # train_loss: the mean over all 8 steps, not just the resumed ones
         assert abs(metrics(run)[key] - metrics(uninterrupted)[key]) <= TOL, key
+    # the forgetting check's reference, asked before training without moving the RNG, is read back on resume
+    assert (run / "retention-reference.jsonl").read_text() == (uninterrupted / "retention-reference.jsonl").read_text()
+    assert metrics(run)["retention"]["answers"] == metrics(uninterrupted)["retention"]["answers"]
 
 
 @pytest.mark.slow

@@ -317,3 +317,54 @@ def test_help_does_not_import_optuna_or_torch():
             "except SystemExit:\n    pass\nprint('heavy:', any(m in sys.modules for m in ('torch', 'optuna')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--parallel N" in r.stdout and r.stdout.strip().endswith("heavy: False")
+
+
+def test_constraints_pick_the_best_feasible_trial(tmp_path, tiny_base, capsys):
+    """Optimize a metric subject to a bound on another: a trial outside it is marked and never the best."""
+    config = write_config(tmp_path, tiny_base)
+    # unconstrained, lr 3e-2 has the lower training loss after 4 steps (10.66 vs 10.81); a floor on the same
+    # metric leaves only lr 1e-5 feasible
+    path = write_sweep(tmp_path, metric="final_logged_loss", constraints={"final_logged_loss": {"min": 10.73}})
+    assert main(["sweep", str(config), str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    trials = {t.params["training.learning_rate"]: t for t in study_trials(tmp_path / "sweep")}
+    assert trials[3e-2].value < 10.73 <= trials[1e-5].value
+    assert json.loads(trials[3e-2].user_attrs["constraints"]) == {"final_logged_loss": trials[3e-2].value}
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert results["best"] == trials[1e-5].number and results["constraints"] == {"final_logged_loss": {"min": 10.73, "max": None}}
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| final_logged_loss | final_logged_loss | steps |" in table
+    assert "complete (fails constraints)" in table and "constraints: final_logged_loss in [10.7, inf]" in table
+    assert "fails constraints" in out
+    assert load_config(tmp_path / "sweep" / "best.yaml").training["learning_rate"] == 1e-5
+
+
+def test_constraint_and_objective_names_are_checked(tmp_path):
+    spec = SweepConfig.model_validate({"params": {"lora.r": {"values": [4]}}, "method": "grid", "metric": "test.exact_match",
+                                       "constraints": {"retention.kept": {"min": 42}, "retention.kpt": {"min": 1},
+                                                       "eval_retention": {}}})
+    from peft_pipeline.tools.sweep import spec_problems
+
+    problems = "\n".join(spec_problems(spec))
+    assert "'retention.kpt' is not a metric" in problems and "eval_retention: give min and/or max" in problems
+    assert "constraints.retention.kept:" not in problems and "metric" not in problems.split("constraints")[0]
+    assert spec.goal == "maximize"  # exact match, retention: higher is better
+
+
+def test_test_exact_match_objective_under_a_retention_constraint(tmp_path, tiny_base, capsys):
+    """The demo sweep's shape: exact match on data.test (scored after the trial), retention.kept bounded."""
+    config = write_config(tmp_path, tiny_base)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["test"] = str(write_jsonl(tmp_path / "test.jsonl", [{"prompt": r["instruction"], "completion": r["output"]}
+                                                                      for r in ROWS[:3]]))
+    config.write_text(yaml.safe_dump(data))
+    path = write_sweep(tmp_path, metric="test.exact_match", params={"training.learning_rate": {"values": [3e-2]}},
+                       constraints={"retention.kept": {"min": 0}})
+    assert main(["sweep", str(config), str(path), "--no-progress"]) == 0
+    [trial] = study_trials(tmp_path / "sweep")
+    run = Path(trial.user_attrs["run_dir"])
+    scored = json.loads((run / "eval.json").read_text())["generation"]["metrics"]["adapter"]
+    assert trial.value == scored["exact_match"]
+    kept = json.loads((run / "metrics.json").read_text())["retention"]["kept"]
+    assert json.loads(trial.user_attrs["constraints"]) == {"retention.kept": kept}
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text())["best"] == trial.number

@@ -39,7 +39,7 @@ def test_train_writes_the_run_dir_and_only_lora_weights_move(tmp_path, tiny_base
     cfg = config_from_dict(tiny_cfg(tmp_path, tiny_base))
     run = train(cfg, progress=False)
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "config.yaml", "log.jsonl", "metrics.json",
-                                                      "plots", "report.md"]
+                                                      "plots", "report.md", "retention-reference.jsonl"]
     adapter = run / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (adapter / name).is_file(), name
