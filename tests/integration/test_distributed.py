@@ -47,7 +47,9 @@ STEPS = 4  # = one epoch of 16 examples at a global batch of 4
 # rounding differences of 1 vs 2 threads to 1e-3 by step 6.
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 2e-5
-RUN_DIR_ENTRIES = {"adapter", "checkpoints", "config.yaml", "log.jsonl", "metrics.json", "plots", "report.md"}
+# retention-reference.jsonl: the base's answers to the retention prompts, asked once before training (main process)
+RUN_DIR_ENTRIES = {"adapter", "checkpoints", "config.yaml", "log.jsonl", "metrics.json", "plots", "report.md",
+                   "retention-reference.jsonl"}
 
 # Accelerate 1.15 enables FSDP and DeepSpeed only for GPU-type backends: on a CPU-only machine an
 # fsdp2.yaml/zero*.yaml run silently trains as plain DDP. This driver lets the gloo CPU group pose
