@@ -199,6 +199,24 @@ def resolve(path: str | Path) -> Target:
     raise UserError(f"{path}: holds no adapter (adapter_config.json) and no model (config.json + *.safetensors)")
 
 
+def source_run(target: Target) -> Target | None:
+    """The run a merged model dir was merged from (its merge_report.json's run_dir, else the dir above it
+    when that is a run), or None: so a merged model can be checked against what its run saved."""
+    if target.kind != "merged" or target.run_dir is not None:
+        return None
+    candidates = []
+    try:
+        recorded = json.loads((target.path / "merge_report.json").read_text()).get("run_dir")
+        candidates.append(Path(recorded)) if recorded else None
+    except (OSError, ValueError):
+        pass
+    candidates.append(target.path.resolve().parent)
+    for run in candidates:
+        if (run / "config.yaml").is_file() and (run / "adapter" / "adapter_config.json").is_file():
+            return resolve(run)
+    return None
+
+
 def merged_dir(target: Target) -> Path | None:
     """The merged model of a run: where its last passing merge wrote it (merge_report.json), else RUN_DIR/merged."""
     if target.kind == "merged":

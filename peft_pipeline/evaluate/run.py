@@ -82,8 +82,8 @@ def retention_report(target, model, tokenizer, retention_set, stop_ids, batch_si
     """Base vs adapter on the retention prompts; against the saved base answers when there is no adapter."""
     from peft_pipeline.evaluate.retention import answer, check, compare
 
-    system = target.config.data.system_prompt if target.config is not None else None
-    file, items, base = retention_set
+    file, items, base, config = retention_set
+    system = config.data.system_prompt if config is not None else None
     if base is None:
         return {"file": file, **check(model, tokenizer, items, stop_ids, system, batch_size, progress)}
     return {"file": file, **compare(items, base, answer(model, tokenizer, items, stop_ids, system, batch_size, progress))}
@@ -173,18 +173,21 @@ def load_test_prompts(target, prompts: str | None, limit: int | None) -> dict | 
     return {"file": str(source), "prompts": rows[:limit] if limit else rows}
 
 
-def load_retention(target, setting: str | None, path) -> tuple[str, list, list | None] | None:
-    """(file, items, base answers or None) for --retention: FILE, or 'auto' = the run's data.retention, else the
-    bundled set. Without an adapter to switch off (freeze.method: top_layers, a merged model), 'auto' scores
-    against the base answers the run saved before training (retention-reference.jsonl)."""
+def load_retention(target, setting: str | None, path) -> tuple[str, list, list | None, Any] | None:
+    """(file, items, base answers or None, the run's config) for --retention: FILE, or 'auto' = the run's
+    data.retention, else the bundled set. Without an adapter to switch off (freeze.method: top_layers, a merged
+    model), 'auto' scores against the base answers the run saved before training (retention-reference.jsonl),
+    found beside the model or, for a merged dir, in the run it was merged from."""
     from peft_pipeline.evaluate.retention import REFERENCE, load, read_reference, resolve
+    from peft_pipeline.rundir import source_run
 
     if setting is None:
         return None
     if target.adapter_dir is None:
-        reference = target.out_dir / REFERENCE
+        run = source_run(target) or target
+        reference = run.out_dir / REFERENCE
         if setting == "auto" and reference.is_file():
-            return (str(reference), *read_reference(reference))
+            return (str(reference), *read_reference(reference), run.config)
         raise UserError(f"{path}: --retention compares base and adapter, and this model has no adapter to switch "
                         f"off nor a {REFERENCE} from training; run it on the run directory instead", exit_code=2)
     file = None
@@ -192,7 +195,7 @@ def load_retention(target, setting: str | None, path) -> tuple[str, list, list |
         file = resolve(target.config.data.retention, target.config.model.name)
     if file is None:
         file = resolve("bundled" if setting == "auto" else setting, "")
-    return str(file), load(file), None
+    return str(file), load(file), None, target.config
 
 
 def load_loss_data(target, tokenizer, data: str | None, limit: int | None, progress: bool) -> dict | None:

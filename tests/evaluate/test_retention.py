@@ -188,6 +188,25 @@ def test_top_layers_training_gets_the_check_too(tmp_path, base, tokenizer):
     assert again["file"] == str(run / REFERENCE) and again["answers"] == section["answers"]
 
 
+def test_merged_model_is_checked_against_its_runs_reference(tmp_path, base, tokenizer):
+    """A merged dir has no adapter to switch off: eval --retention finds the reference its run saved before
+    training (merge_report.json names the run), and the merged model answers as the adapter did."""
+    from peft_pipeline.cli import main
+    from peft_pipeline.tasks import train
+
+    file, n = own_answers_file(tmp_path / "own.jsonl", base, tokenizer)
+    run = train(train_config(tmp_path, base, "run", retention=str(file)), progress=False)
+    trained = json.loads((run / "metrics.json").read_text())["retention"]
+    merged = tmp_path / "elsewhere" / "merged"  # not under the run: found through merge_report.json
+    assert main(["merge", str(run), "--out", str(merged)]) == 0
+    assert main(["eval", str(merged), "--retention", "--no-progress"]) == 0
+    section = json.loads((merged / "eval.json").read_text())["retention"]
+    assert section["file"] == str(run / REFERENCE) and section["n"] == n
+    assert [a["base"] for a in section["answers"]] == [a["base"] for a in trained["answers"]]
+    assert [a["adapter"] for a in section["answers"]] == [a["adapter"] for a in trained["answers"]]
+    assert main(["eval", str(base), "--retention", "--no-progress"]) == 2  # a bare model: no run, no reference
+
+
 def test_retention_at_evaluations_drives_early_stopping(tmp_path, base, tokenizer, capsys):
     from peft_pipeline.config import config_from_dict
     from peft_pipeline.tasks import train
