@@ -1,7 +1,7 @@
 """Write peft_pipeline/resources/retention-general.jsonl: general prompts the embedded base answers correctly.
 
 Asks every candidate below to the embedded SmolLM2-135M-Instruct exactly as the forgetting
-check does (peft_pipeline.retention: one user turn, its chat template, greedy, 32 new tokens,
+check does (peft_pipeline.evaluate.retention.answer: one user turn, its chat template, greedy, 32 new tokens,
 the pipeline's batched left-padded generate) and keeps the ones it gets right, recording its
 answer. A fine-tune that loses one of them has forgotten something its base knew.
 
@@ -103,26 +103,25 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from peft_pipeline.data import end_of_turn
-    from peft_pipeline.generate import Prompt, Sampling, generate
+    from peft_pipeline.data.template import load_tokenizer, stop_ids
+    from peft_pipeline.evaluate.retention import Item, answer, is_correct
     from peft_pipeline.paths import embedded_base_dir
-    from peft_pipeline.retention import MAX_NEW_TOKENS, is_correct
 
+    # The check's own question path (evaluate/retention.answer): template, greedy decoding, new-token budget.
     base = embedded_base_dir()
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = load_tokenizer(str(base), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    stop = sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id})
-    prompts = [Prompt(messages=[{"role": "user", "content": q}]) for q, _ in CANDIDATES]
-    answers = generate(model, tokenizer, prompts, stop, Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size=8)
+    items = [Item(q, expected, f"candidate {i}") for i, (q, expected) in enumerate(CANDIDATES, 1)]
+    answers = answer(model, tokenizer, items, stop_ids(tokenizer), batch_size=8)
     kept = []
     for (q, expected), a in zip(CANDIDATES, answers):
-        ok = is_correct(a.text, expected)
+        ok = is_correct(a, expected)
         if args.show:
-            print(f"{'ok ' if ok else 'NO '} {q} -> {a.text!r}")
+            print(f"{'ok ' if ok else 'NO '} {q} -> {a!r}")
         if ok:
-            kept.append({"prompt": q, "expected": expected, "base_answer": a.text})
+            kept.append({"prompt": q, "expected": expected, "base_answer": a})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
