@@ -121,6 +121,8 @@ class RetentionEval(TrainerCallback):
     trainer's best-checkpoint choice read it; the trainer has already logged that dict, so the values
     go to log.jsonl as their own line and into the logged evaluation in the trainer state. Must be the
     first callback (see `install`). The final evaluation after training is left to the end-of-run check.
+    Under several processes the main process asks (tracker) and the others (tracker None) receive its
+    scores, so early stopping and the best checkpoint decide the same on every rank.
     """
 
     def __init__(self, tracker, model, log: Path):
@@ -142,7 +144,9 @@ class RetentionEval(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not self.training or metrics is None:
             return
-        result = self.tracker.score(self.model)
+        result = shared(self.tracker.score(self.model) if self.tracker is not None else None)
+        if result is None:
+            return
         scores = {"eval_retention": result["kept"], "eval_retention_same": result["same"]}
         metrics.update(scores)
         if state.log_history and "eval_loss" in state.log_history[-1]:
@@ -151,3 +155,14 @@ class RetentionEval(TrainerCallback):
             rundir.append_log(self.log, state, {**scores, "retention_lost": result["lost"]})
             print(f"[peft-pipeline] step {state.global_step}: retention {result['kept']}/{result['base']} kept, "
                   f"{result['same']}/{result['n']} answers as the base's", flush=True)
+
+
+def shared(value):
+    """The main process's value on every process (itself when there is one process)."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]

@@ -114,13 +114,12 @@ def start_retention(cfg: RunConfig, trainer, prep: Prepared, run: Path, method, 
 
     if not method.generates_text or cfg.data.retention is None:
         return None
-    if cfg.data.retention_eval and state.num_processes > 1:
-        raise UserError("data.retention_eval: scored on one process only (this launch has "
-                        f"{state.num_processes}); set it to false or launch one process", exit_code=2)
-    if not state.is_main_process:
-        return None
-    t = tracker(cfg, trainer, prep.tokenizer, run)
-    if t is not None and cfg.data.retention_eval:
+    if cfg.data.retention_eval and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise UserError("data.retention_eval: a sharded model (FSDP, DeepSpeed) generates only with every process "
+                        "taking part, and the check asks on one; set it to false and run `peft-pipeline eval "
+                        f"{cfg.output_dir} --retention` after training", exit_code=2)
+    t = tracker(cfg, trainer, prep.tokenizer, run) if state.is_main_process else None
+    if cfg.data.retention_eval:  # on every process: the others receive the main process's scores
         from peft_pipeline.train.callbacks import RetentionEval
 
         RetentionEval.install(trainer, t, run / "log.jsonl")

@@ -215,6 +215,26 @@ def test_resume_under_two_processes_continues_the_same_trajectory(ddp_run, refer
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (resumed / "checkpoints" / "checkpoint-6").iterdir()}
 
 
+@pytest.mark.distributed
+def test_retention_at_evaluations_under_two_processes_drives_early_stopping_on_both(tmp_path, tiny_base):
+    """The main process asks the retention prompts at each evaluation and every rank gets its scores: the trainer
+    on each rank needs eval_retention to pick the best checkpoint (a rank without it stops with a KeyError)."""
+    cfg = run_config(tmp_path, tiny_base, max_steps=6, learning_rate=5e-2, save_steps=2)
+    prompts = ["Say hello.", "Count to three.", "What do bees make?", "Name a colour."]
+    cfg["data"].update(retention=str(write_jsonl(tmp_path / "mine.jsonl", [{"prompt": p} for p in prompts])),
+                       retention_eval=True)
+    cfg["early_stopping"] = {"patience": 10, "metric": "retention", "eval_steps": 2}
+    result = launch(tmp_path, "cpu-2proc.yaml", cfg)
+    run = Path(cfg["output_dir"])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    scored = [r for r in log if "eval_retention" in r and "retention_lost" in r]  # the main process's own line
+    assert [r["step"] for r in scored] == [2, 4, 6] and all(0 <= r["eval_retention"] <= 4 for r in scored)
+    m = metrics(run)
+    assert m["status"] == "complete" and m["world_size"] == 2
+    assert m["best_metric"] == max(r["eval_retention"] for r in scored)
+    assert result.stdout.count("[peft-pipeline] step 2: retention ") == 1  # printed by the main process only
+
+
 def sharded_run(tmp: Path, tiny_base: Path, config_file: str, extra: tuple[str, ...] = ()) -> Path:
     driver = tmp / "shard_on_cpu.py"
     driver.write_text(SHARDING_DRIVER)
