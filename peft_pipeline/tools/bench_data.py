@@ -11,7 +11,8 @@ in a fresh Python process, so every measurement starts cold:
 
 Reported per run: wall time, rows/s, rows/s per process, and peak memory: the peak resident set
 of the main process (getrusage) and of the whole process tree (main + tokenizing processes,
-sampled every 50 ms with psutil). Tokens come from the embedded base's tokenizer (SmolLM2); no
+sampled every 50 ms with psutil), and the same two for anonymous memory only (RssAnon: RSS
+less the pages of mapped files, which the kernel can reclaim). Tokens come from the embedded base's tokenizer (SmolLM2); no
 model weights are loaded. Results go to docs/data-scale.md and a JSON file beside it.
 """
 
@@ -100,12 +101,14 @@ def measure(path: Path, mode: str, num_proc: int, max_length: int) -> dict[str, 
             f"print(json.dumps(run_one({str(path)!r}, {mode!r}, {num_proc}, {max_length})))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PEFT_PIPELINE_NO_PROGRESS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = 0
+    peak = main_anon = tree_anon = 0
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
             peak = max(peak, sum(p.memory_info().rss for p in tree))
+            anon = [anon_bytes(p.pid) for p in tree]
+            main_anon, tree_anon = max(main_anon, anon[0]), max(tree_anon, sum(anon))
         except psutil.Error:
             pass
         time.sleep(0.05)
@@ -114,9 +117,27 @@ def measure(path: Path, mode: str, num_proc: int, max_length: int) -> dict[str, 
         raise RuntimeError(f"bench-data run failed ({mode}, {path.name}, {num_proc} proc):\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result.update({"mode": mode, "num_proc": num_proc, "file": path.name, "file_mb": path.stat().st_size / 2**20,
-                   "tree_peak_mb": peak / 2**20, "rows_per_s": result["rows"] / result["seconds"]})
+                   "tree_peak_mb": peak / 2**20, "main_anon_mb": main_anon / 2**20, "tree_anon_mb": tree_anon / 2**20,
+                   "rows_per_s": result["rows"] / result["seconds"]})
     result["rows_per_s_per_proc"] = result["rows_per_s"] / num_proc
     return result
+
+
+def anon_bytes(pid: int) -> int:
+    """A process's anonymous resident memory (RssAnon): what it allocated, without the pages of files it maps.
+
+    RSS also counts the touched pages of the memory-mapped Arrow files, which the kernel can drop at
+    any time (they are the file cache); RssAnon is the memory that grows with the data if anything does.
+    0 where /proc is not there (not Linux).
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def bench_data(sizes: list[int], procs: list[int], per_row_max: int, out: Path, folder: Path,
@@ -132,7 +153,8 @@ def bench_data(sizes: list[int], procs: list[int], per_row_max: int, out: Path, 
             results.append(r)
             if progress:
                 print(f"{n:>9,} rows  {mode:<8} {p} proc  {r['seconds']:8.1f} s  {r['rows_per_s']:8,.0f} rows/s  "
-                      f"main peak {r['main_peak_mb']:7,.0f} MB  tree peak {r['tree_peak_mb']:7,.0f} MB", flush=True)
+                      f"main peak {r['main_peak_mb']:7,.0f} MB  tree peak {r['tree_peak_mb']:7,.0f} MB  "
+                      f"anon main {r['main_anon_mb']:7,.0f} MB  tree {r['tree_anon_mb']:7,.0f} MB", flush=True)
             out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     write_report(out, report_markdown(results))
     return results
@@ -156,10 +178,12 @@ def write_report(out: Path, table: str) -> None:
 
 def report_markdown(results: list[dict[str, Any]]) -> str:
     """The measured table (docs/data-scale.md keeps its prose above a marker line and this below it)."""
-    lines = ["| rows | file | path | processes | time | rows/s | rows/s per process | tokens | main peak RSS | tree peak RSS |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rows | file | path | processes | time | rows/s | rows/s per process | tokens | main peak RSS | tree peak RSS "
+             "| main peak anon | tree peak anon |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['rows']:,} | {r['file_mb']:,.0f} MB | {r['mode']} | {r['num_proc']} | {r['seconds']:,.1f} s | "
                      f"{r['rows_per_s']:,.0f} | {r['rows_per_s_per_proc']:,.0f} | {r['tokens']:,} | "
-                     f"{r['main_peak_mb']:,.0f} MB | {r['tree_peak_mb']:,.0f} MB |")
+                     f"{r['main_peak_mb']:,.0f} MB | {r['tree_peak_mb']:,.0f} MB | "
+                     f"{r['main_anon_mb']:,.0f} MB | {r['tree_anon_mb']:,.0f} MB |")
     return "\n".join(lines) + "\n"
