@@ -151,7 +151,7 @@ def fit(rendered: Rendered | None, ids: list[int], labels: list[int], cut: bool,
         if overlong == "drop":
             return DROPPED_OVERLONG, [], []
         ids, labels, status = ids[:max_length], labels[:max_length], TRUNCATED
-    if all(label == -100 for label in labels):
+    if labels.count(-100) == len(labels):
         return (TRUNCATED_NO_LOSS if status == TRUNCATED else DROPPED_NO_LOSS), [], []
     return status, ids, labels
 
@@ -469,7 +469,7 @@ class Preparer:
             status, ids, labels = fit(r, ids, labels, cut, self.max_length, self.overlong)
             for name, value in (("input_ids", ids), ("labels", labels), ("example", example), ("_split", split),
                                 ("_status", status), ("_tokens", len(ids)), ("_full", full),
-                                ("_trained", sum(label != -100 for label in labels)), ("_key", key)):
+                                ("_trained", len(labels) - labels.count(-100)), ("_key", key)):
                 out[name].append(value)
         return out
 

@@ -314,17 +314,25 @@ def tokenize_many(rendered: list[Rendered], tokenizer) -> list[tuple[list[int], 
         plan = [any(s <= a and b <= e for s, e in r.spans) for a, b in zip(cuts, cuts[1:])]
         pieces += [r.text[a:b] for a, b in zip(cuts, cuts[1:])]
         plans.append(plan)
-    encoded = iter(encode(pieces, add_special_tokens=False))
+    # Short pieces repeat (the newline after an end-of-turn, role headers): each distinct one is encoded once.
+    short = dict.fromkeys(p for p in pieces if len(p) <= SHORT_PIECE)
+    short.update(zip(short, (e.ids for e in encode(list(short), add_special_tokens=False))))
+    encoded = iter(encode([p for p in pieces if len(p) > SHORT_PIECE], add_special_tokens=False))
+    texts = iter(pieces)
     out = []
     for r, plan in zip(rendered, plans):
         ids = list(lead) if r.add_special_tokens else []
         labels = [-100] * len(ids)
         for trained in plan:
-            piece = next(encoded).ids
+            text = next(texts)
+            piece = short[text] if len(text) <= SHORT_PIECE else next(encoded).ids
             ids += piece
             labels += piece if trained else [-100] * len(piece)
         out.append((ids, labels))
     return out
+
+
+SHORT_PIECE = 16  # characters: pieces up to this long are looked up, not encoded again (tokenize_many)
 
 
 # --------------------------------------------------------------------------- building datasets
