@@ -96,8 +96,9 @@ def is_correct(answer: str, expected: list[str]) -> bool:
 
     text = " ".join(answer.casefold().split())
     for e in expected:
-        # Word boundaries: "4" must not match inside "14", "cold" not inside "scolded", "3" not in "3.09", "0" not in "-18.0".
-        if re.search(r"(?<![\w.])" + re.escape(normalize(e)) + r"(?![\w]|[.,]\d)", text):
+        # Word boundaries: "4" must not match inside "14", "cold" not inside "scolded", "3" not in "3.09", "0" not in
+        # "-18.0"; a number written with zero decimals is that number ("100" in "100.0 degrees").
+        if re.search(r"(?<![\w.])" + re.escape(normalize(e)) + r"(?!\w|,\d|\.(?!0+(?!\d))\d)", text):
             return True
     return False
 

@@ -25,6 +25,10 @@ def test_answers_match_whole_words_after_normalizing():
     assert not is_correct("about 3.09", ["3"]) and not is_correct("-18.0 degrees", ["0"])
     assert not is_correct("he scolded me", ["cold"])
     assert is_correct("H2O, of course", ["H2O"]) and is_correct("100 degrees", ["100"])
+    # the same number with zero decimals is right; other decimals are another number
+    assert is_correct("approximately 100.0 degrees", ["100"]) and is_correct("at 100.00.", ["100"])
+    assert not is_correct("about 100.5 degrees", ["100"]) and not is_correct("100.05", ["100"])
+    assert not is_correct("1,000 people", ["1"])
 
 
 def test_compare_sorts_prompts_into_retained_lost_gained():
