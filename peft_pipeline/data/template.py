@@ -18,7 +18,7 @@ from peft_pipeline.errors import UserError
 
 
 # 2: tool calls, reasoning, per-turn sequences for history-rewriting templates, the Arrow build
-DATA_VERSION = 3
+DATA_VERSION = 4  # 4: token columns stored as int32
 
 # A fallback for bases without a chat template. The end of each assistant turn is the tokenizer's
 # own EOS, so generation stops there without adding tokens to the vocabulary.
