@@ -49,11 +49,34 @@ def _eval(a) -> int:
     from peft_pipeline.report import refresh_report
     from peft_pipeline.tasks import stage
 
+    if a.adapter_scale is not None:
+        return _scale_scan(a)
     stage("eval", a.run)(a.run, data=a.data, prompts=a.prompts, compare_base=a.compare_base,
                          sampling=Sampling(max_new_tokens=a.max_new_tokens), batch_size=a.batch_size, limit=a.limit,
                          progress=_progress(a), retention=a.retention, pairs=a.pairs,
                          harness=a.harness.split(",") if a.harness else None, harness_include=a.harness_include)
     refresh_report(a.run)
+    return 0
+
+
+def _scale_scan(a) -> int:
+    from peft_pipeline.errors import UserError
+    from peft_pipeline.evaluate.scales import parse_scales, scan
+    from peft_pipeline.rundir import resolve
+    from peft_pipeline.tasks import is_classification
+
+    scales = parse_scales(a.adapter_scale)
+    others = [flag for flag, on in (("--data", a.data), ("--compare-base", a.compare_base), ("--pairs", a.pairs),
+                                    ("--harness", a.harness)) if on]
+    if others:
+        raise UserError(f"--adapter-scale runs its own scan (test prompts and retention at each scale); leave out "
+                        f"{', '.join(others)} or run them as a separate eval", exit_code=2)
+    target = resolve(a.run)
+    if is_classification(target):
+        raise UserError(f"{target.path}: a classification run; --adapter-scale scores generations; run eval without it",
+                        exit_code=2)
+    scan(a.run, scales, prompts=a.prompts, retention=a.retention, max_new_tokens=a.max_new_tokens,
+         batch_size=a.batch_size, limit=a.limit, progress=_progress(a))
     return 0
 
 
@@ -198,6 +221,8 @@ def _eval_args(p) -> None:
     p.add_argument("--harness", metavar="TASKS", help="lm-evaluation-harness tasks (comma-separated), base and adapter "
                                                       "side by side; writes harness.json (needs the [harness] extra)")
     p.add_argument("--harness-include", metavar="DIR", help="a directory of your own harness task YAML files")
+    p.add_argument("--adapter-scale", metavar="S,S,...", help="scan: test exact match and retention with the adapter's "
+                   "update scaled by each S in (0, 1] (e.g. 1,0.9,0.8); writes adapter-scales.json; see lora.final_scale")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer (default 128)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per forward/generate batch (default 8)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples and prompts (and harness documents)")

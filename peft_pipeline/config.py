@@ -157,6 +157,11 @@ class LoraSection(_Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     layers_to_transform: int | str | list[int | str] | None = None
     """Only put adapters on these decoder layers (None = all): indices and inclusive ranges, e.g. [0, "10-15"] or "20-29"."""
+    final_scale: float = Field(1.0, gt=0, le=1)
+    """After training, the adapter's update is multiplied by this (saved as lora_alpha x final_scale): below 1 it
+    moves the trained model part of the way back to the base (weight-space interpolation, as WiSE-FT), which keeps
+    more of what the base knew at a small cost to the task (docs/retention.md); `eval RUN --adapter-scale` measures
+    a trained run's trade-off first. checkpoints/ keep the update as trained."""
 
     @field_validator("layers_to_transform")
     @classmethod
@@ -709,6 +714,22 @@ def check_semantics(cfg: RunConfig, lines: dict[tuple, int] = {}, source: str = 
     return problems
 
 
+def _final_scale_problem(cfg: RunConfig) -> str | None:
+    """Why lora.final_scale below 1 cannot move this run's model back toward its base, or None."""
+    lora = cfg.lora
+    if lora.final_scale == 1:
+        return None
+    if cfg.freeze.method == "top_layers":
+        return "scales a LoRA adapter's update, and freeze.method: top_layers trains the layers themselves; remove it"
+    if lora.init in ("pissa", "olora", "loftq"):
+        return (f"lora.init: {lora.init} changes the base weights it starts from, so a smaller adapter does not lead "
+                "back to the base; use init: default or gaussian, or final_scale: 1")
+    if cfg.task == "classification" or lora.modules_to_save:
+        return ("modules trained in full (lora.modules_to_save, a classification head) have no adapter to scale; "
+                "remove them or set final_scale: 1")
+    return None
+
+
 def _forgetting_problems(cfg: RunConfig) -> list[tuple[tuple, str]]:
     """(key path, problem) for data.retention_eval and data.replay settings that cannot work."""
     data, out = cfg.data, []
@@ -717,6 +738,9 @@ def _forgetting_problems(cfg: RunConfig) -> list[tuple[tuple, str]]:
     if data.retention_eval and not cfg.eval_requested:
         out.append((("data", "retention_eval"), "scores at evaluations, and this run has none; set training.eval_strategy: "
                                                 "steps (and eval_steps) or early_stopping.patience"))
+    problem = _final_scale_problem(cfg)
+    if problem:
+        out.append((("lora", "final_scale"), problem))
     if data.replay and (cfg.method != "sft" or cfg.task != "causal_lm"):
         out.append((("data", "replay"), f"replay mixes instruction rows into SFT; this run trains {cfg.task}/{cfg.method}; "
                                         "remove it"))

@@ -90,6 +90,7 @@ def summary_section(run: Path, metrics: dict, log: list[dict]) -> list[str]:
     runtime, tokens = metrics.get("runtime_s"), metrics.get("trained_tokens")
     peak = metrics.get("peak_memory") or {}
     pre = metrics.get("preflight") or {}
+    scale = metrics.get("final_scale")
     rows = [
         ("status", metrics.get("status")),
         ("base model", (cfg.get("model") or {}).get("name")),
@@ -98,6 +99,7 @@ def summary_section(run: Path, metrics: dict, log: list[dict]) -> list[str]:
         ("optimizer steps", metrics.get("global_steps")),
         ("train loss (first logged -> last logged)", _arrow(metrics.get("first_logged_loss"), metrics.get("final_logged_loss"))),
         ("validation loss (end)", _num(metrics.get("eval_loss"))),
+        ("adapter saved at (lora.final_scale)", f"{scale['scale']:g} x the trained update" if scale else None),
         ("trained tokens", _int(tokens)),
         ("runtime", f"{runtime:.1f} s" if isinstance(runtime, (int, float)) else None),
         ("throughput", f"{tokens / runtime:,.0f} tokens/s" if tokens and runtime else None),

@@ -99,6 +99,28 @@ def attach_adapter(base, lora: LoraSection, quantized: bool, gradient_checkpoint
         return get_peft_model(base, lora_config(lora, base))
 
 
+def scale_adapter(model, scale: float, adapter: str = "default") -> tuple[float, float]:
+    """Multiply `adapter`'s update by `scale` in memory and in its config; return lora_alpha (before, after).
+
+    Every LoRA layer's output is scaling * B(A(x)) with scaling = alpha / r (alpha / sqrt(r) with rsLoRA), so
+    multiplying each layer's scaling and the config's lora_alpha (and alpha_pattern) by `scale` is the same
+    change: the model in memory and the adapter saved from it (then merged, exported, served) agree.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
+    if not layers:
+        raise ValueError(f"no LoRA layer holds adapter {adapter!r}")
+    for layer in layers:  # lora_alpha too: peft's set_scale/unscale_layer recompute scaling from it
+        layer.scaling[adapter] *= scale
+        layer.lora_alpha[adapter] *= scale
+    config = model.peft_config[adapter]
+    before = config.lora_alpha
+    config.lora_alpha = before * scale
+    config.alpha_pattern = {k: v * scale for k, v in (config.alpha_pattern or {}).items()}
+    return before, config.lora_alpha
+
+
 def resume_adapter(base, run_dir: str, quantized: bool, gradient_checkpointing: bool = False):
     """A finished run's adapter (`init_from`) on the base, trainable, under the name "default".
 

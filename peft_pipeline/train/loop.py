@@ -43,7 +43,9 @@ def train(cfg: RunConfig, method, overwrite: bool = False, resume: str | bool | 
     trainer, facts = method.setup(cfg, prep, run, state)
     add_callbacks(trainer, run, callbacks)
     retention = start_retention(cfg, trainer, prep, run, method, state)  # the base's answers, before training
-    metrics = {**facts, **fit(trainer, run, resume, state), **method.finish(trainer, prep)}
+    metrics = {**facts, **fit(trainer, run, resume, state)}
+    metrics.update(final_scale(cfg, trainer, state))  # before the final eval, the save and the retention check
+    metrics.update(method.finish(trainer, prep))
     weights = gather_sharded_weights(trainer)  # every rank joins; None when not sharded
     if state.is_main_process:
         method.save(trainer, prep, cfg, run, weights)
@@ -104,6 +106,20 @@ def fit(trainer, run: Path, resume, state) -> dict:
         "trained_tokens": trainer.state.num_input_tokens_seen,
         "runtime_s": round(time.time() - started, 2),
     }
+
+
+def final_scale(cfg: RunConfig, trainer, state) -> dict:
+    """lora.final_scale: the trained update scaled toward the base, on every process (a float per layer, so
+    sharded weights need nothing gathered); {} at 1. checkpoints/ were written before and keep it as trained."""
+    from peft_pipeline.model.adapter import scale_adapter
+
+    scale = cfg.lora.final_scale
+    if scale == 1:
+        return {}
+    before, after = scale_adapter(trainer.accelerator.unwrap_model(trainer.model), scale)
+    say(f"lora.final_scale {scale:g}: the adapter's update scaled to {scale:.0%} of the trained one "
+        f"(lora_alpha {before:g} -> {after:g}); checkpoints/ keep it as trained", state=state)
+    return {"final_scale": {"scale": scale, "lora_alpha_trained": before, "lora_alpha_saved": after}}
 
 
 def start_retention(cfg: RunConfig, trainer, prep: Prepared, run: Path, method, state):

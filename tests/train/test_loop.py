@@ -145,3 +145,54 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
     assert saved and max(saved) < bad_step  # nothing saved from the step that went bad
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] != "complete"
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_final_scale_saves_the_scaled_update_and_checkpoints_keep_the_trained_one(tmp_path, tiny_base, capsys):
+    """lora.final_scale 0.5: same training, the saved alpha halved; the saved adapter reloads to the model the
+    run held in memory (its final eval loss), and equals the trained adapter with every lora_B halved."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_from_dict({**tiny_cfg(tmp_path, tiny_base), "lora": {"r": 4, "alpha": 8, "final_scale": 0.5}})
+    run = train(cfg, progress=False)
+    assert "lora.final_scale 0.5: the adapter's update scaled to 50%" in capsys.readouterr().out
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    trained = json.loads((run / "checkpoints" / "checkpoint-4" / "adapter_config.json").read_text())
+    assert saved["lora_alpha"] == 4 and trained["lora_alpha"] == 8
+    assert json.loads((run / "metrics.json").read_text())["final_scale"] == {
+        "scale": 0.5, "lora_alpha_trained": 8, "lora_alpha_saved": 4}
+    assert "| adapter saved at (lora.final_scale) | 0.5 x the trained update |" in (run / "report.md").read_text()
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"],
+                       load_file(run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")[
+                           "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])  # weights as trained
+
+    ids = torch.tensor([[1, 400, 500, 600, 700]])
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)  # noqa: E731
+    with torch.no_grad():
+        scaled = PeftModel.from_pretrained(base(), run / "adapter").eval()(ids).logits
+        halved = PeftModel.from_pretrained(base(), run / "checkpoints" / "checkpoint-4").eval()
+        full = halved(ids).logits
+        for name, p in halved.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.5)
+        by_weights = halved(ids).logits
+    assert torch.allclose(scaled, by_weights, atol=1e-5)
+    assert not torch.allclose(scaled, full, atol=1e-3)  # the scale changed the model
+
+
+def test_final_scale_refusals_name_the_key(tmp_path, tiny_base):
+    from peft_pipeline.config import ConfigError
+
+    base = tiny_cfg(tmp_path, tiny_base)
+    cases = [({"freeze": {"method": "top_layers", "top_layers": 1}}, "freeze.method: top_layers"),
+             ({"lora": {"final_scale": 0.5, "init": "pissa"}}, "lora.init: pissa changes the base weights"),
+             ({"lora": {"final_scale": 0.5, "modules_to_save": ["lm_head"]}}, "have no adapter to scale")]
+    for extra, message in cases:
+        data = {**base, **extra}
+        data["lora"] = {**base["lora"], "final_scale": 0.5, **extra.get("lora", {})}
+        with pytest.raises(ConfigError, match=r"lora\.final_scale: .*" + re.escape(message)):
+            config_from_dict(data)
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match=r"lora\.final_scale"):
+            config_from_dict({**base, "lora": {"final_scale": bad}})
