@@ -20,7 +20,10 @@ def test_quickstart_trains_through_the_cli_and_loss_falls(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[peft-pipeline] run complete" in r.stdout
-    assert "400 train / 40 eval examples" in r.stdout  # counts reported, nothing silent
+    # counts reported, nothing silent: the task rows, the replay rows mixed in (data.replay: 0.3), the total
+    assert "data/orders/train.jsonl (alpaca): 400 rows -> 400 used" in r.stdout
+    assert "replay-general.jsonl (alpaca): 346 rows -> 171 used" in r.stdout
+    assert "571 train / 40 eval examples" in r.stdout
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["global_steps"] == 12
