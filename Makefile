@@ -54,8 +54,8 @@ test-fast: install
 # The main job on the embedded base: train, evaluate before/after, merge (with its parity
 # check), score the merged model, export GGUF through llama.cpp (f16, q8_0, q4_k_m, each checked and
 # scored in llama.cpp, with an Ollama Modelfile), and summarize.
-# About 21 minutes on one CPU core (measured: training 15.3 min, evals and merge 4.3 min) plus the export:
-# 14.3 min for six GGUF types measured on a shared 2-core machine, so roughly 7 min for these three.
+# About 21 minutes on one CPU core (measured 2026-12-06: training 9.2 min, evals and merge 5.5 min, the
+# export of these three types 5.5 min; README's quickstart table).
 demo: install
 	$(BIN)/peft-pipeline train configs/quickstart.yaml output_dir=$(RUN) --overwrite
 	$(BIN)/peft-pipeline eval $(RUN) --compare-base
