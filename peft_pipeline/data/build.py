@@ -351,7 +351,6 @@ def _build(settings: DataSection, tokenizer, max_length, seed, work: Path):
     columns = ["input_ids", "labels"]
     train = _split(prepared, cols, 0, columns + (["example"] if settings.augment.enabled else []))
     evals = _split(prepared, cols, 1, columns) if len(eval_order) else None
-    del cols
     return train, (evals if evals is not None and len(evals) else None), report
 
 

@@ -92,9 +92,10 @@ def scan(path: str | Path, scales: list[float], prompts: str | None = None, rete
                            desc=f"Generating (x{s:g})")
             kept = compare(items, base, answer(model, tokenizer, items, stop_ids, system, batch_size, progress, f"x{s:g}"))
         rows.append({"scale": s, "test": score([a.text for a in got], refs),
-                     "retention": {k: kept[k] for k in ("n", "base", "adapter", "kept", "same", "lost", "gained")},
+                     "retention": {**{k: kept[k] for k in ("n", "base", "adapter", "kept", "same", "lost", "gained")},
+                                   "answers": [r["adapter"] for r in kept["answers"]]},
                      "answers": [a.text for a in got]})
-    report = {"target": str(target.path), "prompts": test["file"], "retention_file": file,
+    report = {"target": str(target.path), "prompts": test["file"], "retention_file": file, "retention_base_answers": base,
               "settings": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "limit": limit},
               "scales": rows}
     out = target.out_dir / "adapter-scales.json"

@@ -54,6 +54,8 @@ def test_eval_adapter_scale_scans_test_and_retention(tmp_path, tiny_base, tokeni
     # no expected answers: the base's answer is the key, so a near-zero update keeps all three, the random one fewer
     assert tiny["retention"]["kept"] == 3 and tiny["retention"]["same"] == 3
     assert full["retention"]["kept"] < 3
+    # every answer is kept: the base's once, each scale's per prompt (the near-zero update says what the base said)
+    assert tiny["retention"]["answers"] == report["retention_base_answers"] and len(full["retention"]["answers"]) == 3
     assert full["test"]["n"] == 4
     out = capsys.readouterr().out
     assert "exact_match" in out and "adapter-scales.json" in out
